@@ -1,0 +1,283 @@
+/* Deltas: finding changed pages, one-pass gather, validation, and apply. */
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "parallel.h"
+
+_Static_assert(sizeof(sc_header) == SC_HEADER_SIZE, "header layout");
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "formats are little-endian");
+
+/* Version of `page` as of live snapshot `epoch`; chain_lock held for reading. */
+static uint64_t version_as_of(sc_store *s, uint64_t page, uint64_t epoch) {
+    uint64_t v = sc__load_version(s, page);
+    if (v <= epoch) return v;
+    for (sc_preserved *n = atomic_load_explicit(&s->preserved[page], memory_order_acquire); n;
+         n = atomic_load_explicit(&n->next_in_page, memory_order_acquire))
+        if (n->version <= epoch) return n->version;
+    return 0;
+}
+
+typedef struct {
+    uint64_t *ids, *versions, n, cap;
+} page_list;
+
+static sc_status page_list_push(page_list *l, uint64_t id, uint64_t version) {
+    if (l->n == l->cap) {
+        uint64_t cap = l->cap ? l->cap * 2 : 1024;
+        uint64_t *ids = realloc(l->ids, cap * 8);
+        if (!ids) return SC_ENOMEM;
+        l->ids = ids;
+        uint64_t *vs = realloc(l->versions, cap * 8);
+        if (!vs) return SC_ENOMEM;
+        l->versions = vs;
+        l->cap = cap;
+    }
+    l->ids[l->n] = id;
+    l->versions[l->n++] = version;
+    return SC_OK;
+}
+
+sc_status sc_changed_pages(sc_store *s, uint64_t since, uint64_t until, uint64_t **ids_out,
+                           uint64_t **versions_out, uint64_t *n_out) {
+    page_list l = {0};
+    sc_status st = SC_OK;
+    pthread_rwlock_rdlock(&s->chain_lock);
+    if (!sc__snap_is_live(s, until)) st = SC_ENOSNAP;
+    /* group_max skips 64 clean pages per word: the scan follows the changed pages. */
+    for (uint64_t g = 0; g < s->n_groups && st == SC_OK; g++) {
+        if (atomic_load_explicit(&s->group_max[g], memory_order_acquire) <= since) continue;
+        uint64_t end = (g + 1) * 64 < s->n_pages ? (g + 1) * 64 : s->n_pages;
+        for (uint64_t p = g * 64; p < end && st == SC_OK; p++) {
+            uint64_t v = version_as_of(s, p, until);
+            if (v > since) st = page_list_push(&l, p, v);
+        }
+    }
+    pthread_rwlock_unlock(&s->chain_lock);
+    if (st) {
+        free(l.ids);
+        free(l.versions);
+        return st;
+    }
+    *ids_out = l.ids;
+    *versions_out = l.versions;
+    *n_out = l.n;
+    return SC_OK;
+}
+
+void sc_header_seal(sc_header *h, const void *index) {
+    h->index_checksum = sc_page_checksum(index, h->n_pages * 24);
+    h->header_checksum = sc_page_checksum(h, offsetof(sc_header, header_checksum));
+}
+
+typedef struct {
+    sc_store *s;
+    uint64_t epoch;
+    const uint64_t *ids;
+    uint64_t *checksums;
+    uint8_t *payload;
+} gather_job;
+
+static int gather_range(void *ctx, uint64_t begin, uint64_t end) {
+    gather_job *j = ctx;
+    sc_store *s = j->s;
+    sc_status st = SC_OK;
+    for (uint64_t i = begin; i < end && st == SC_OK;) {
+        /* Lock in batches so snapshot() never waits behind a whole gather. */
+        uint64_t stop = i + 64 < end ? i + 64 : end;
+        pthread_rwlock_rdlock(&s->chain_lock);
+        for (; i < stop && st == SC_OK; i++) {
+            uint8_t *dst = j->payload + (i << s->page_shift);
+            st = sc__read_page_as_of(s, j->epoch, j->ids[i], dst, NULL);
+            j->checksums[i] = sc_page_checksum(dst, s->page_size);
+        }
+        pthread_rwlock_unlock(&s->chain_lock);
+    }
+    return st;
+}
+
+sc_status sc_delta_build(sc_store *s, uint64_t since, uint64_t until, uint8_t **buf_out,
+                         uint64_t *len_out) {
+    if (since > until) return SC_EINVAL;
+    uint64_t *ids, *versions, n;
+    sc_status st = sc_changed_pages(s, since, until, &ids, &versions, &n);
+    if (st) return st;
+    uint64_t payload_offset = SC_HEADER_SIZE + n * 24;
+    uint64_t total = payload_offset + (n << s->page_shift);
+    uint8_t *buf = malloc(total ? total : 1);
+    if (!buf) { free(ids); free(versions); return SC_ENOMEM; }
+    sc_header *h = (sc_header *)buf;
+    memset(h, 0, sizeof *h);
+    memcpy(h->magic, SC_DELTA_MAGIC, 8);
+    h->format_version = SC_FORMAT_VERSION;
+    h->kind = SC_KIND_DELTA;
+    h->page_size = s->page_size;
+    h->store_pages = s->n_pages;
+    h->base_epoch = since;
+    h->target_epoch = until;
+    h->n_pages = n;
+    h->schema_version = s->schema_version;
+    h->payload_bytes = n << s->page_shift;
+    memcpy(h->store_uuid, s->uuid, 16);
+    uint64_t *out_ids = (uint64_t *)(buf + SC_HEADER_SIZE);
+    memcpy(out_ids, ids, n * 8);
+    memcpy(out_ids + n, versions, n * 8);
+    free(ids);
+    free(versions);
+    gather_job job = {s, until, out_ids, out_ids + 2 * n, buf + payload_offset};
+    st = sc__parallel_for(n, sc__threads_for(n << s->page_shift, 0), gather_range, &job);
+    if (st) { free(buf); return st; }
+    sc_header_seal(h, out_ids);
+    *buf_out = buf;
+    *len_out = total;
+    return SC_OK;
+}
+
+static bool valid_page_size(uint32_t ps) {
+    return ps >= SC_MIN_PAGE_SIZE && ps <= SC_MAX_PAGE_SIZE && (ps & (ps - 1)) == 0;
+}
+
+static sc_status parse_header(const uint8_t *buf, uint64_t len, uint16_t kind, sc_header *h) {
+    if (len < SC_HEADER_SIZE) return SC_ECORRUPT;
+    memcpy(h, buf, sizeof *h);
+    const char *magic = kind == SC_KIND_CHECKPOINT ? SC_CKPT_MAGIC : SC_DELTA_MAGIC;
+    if (memcmp(h->magic, magic, 8) != 0) return SC_ECORRUPT;
+    if (h->header_checksum != sc_page_checksum(h, offsetof(sc_header, header_checksum)))
+        return SC_ECORRUPT;
+    /* Checked after the checksum: a flipped version byte is corruption, not a new format. */
+    if (h->format_version > SC_FORMAT_VERSION) return SC_EFORMAT;
+    if (h->format_version == 0 || h->kind != kind) return SC_ECORRUPT;
+    if (h->compression > SC_COMP_LZ4 || !valid_page_size(h->page_size)) return SC_ECORRUPT;
+    if (h->base_epoch > h->target_epoch || h->n_pages > h->store_pages) return SC_ECORRUPT;
+    return SC_OK;
+}
+
+sc_status sc_delta_parse(const uint8_t *buf, uint64_t len, uint16_t kind, int verify_pages,
+                         sc_delta_view *out, uint64_t *bad_page) {
+    if ((uintptr_t)buf % 8) return SC_EINVAL; /* caller aligns; u64 arrays are read in place */
+    sc_header h;
+    sc_status st = parse_header(buf, len, kind, &h);
+    if (st) return st;
+    uint64_t n = h.n_pages;
+    if (n > (len - SC_HEADER_SIZE) / 24) return SC_ECORRUPT;
+    uint64_t payload_offset = SC_HEADER_SIZE + n * 24;
+    if (h.payload_bytes != len - payload_offset) return SC_ECORRUPT;
+    if (h.compression == SC_COMP_NONE && n > UINT64_MAX / h.page_size) return SC_ECORRUPT;
+    if (h.compression == SC_COMP_NONE && h.payload_bytes != n * h.page_size) return SC_ECORRUPT;
+    const uint64_t *ids = (const uint64_t *)(buf + SC_HEADER_SIZE);
+    if (h.index_checksum != sc_page_checksum(ids, n * 24)) return SC_ECORRUPT;
+    const uint64_t *versions = ids + n;
+    for (uint64_t i = 0; i < n; i++) {
+        if (ids[i] >= h.store_pages || (i && ids[i] <= ids[i - 1])) return SC_ECORRUPT;
+        if (versions[i] <= h.base_epoch || versions[i] > h.target_epoch) return SC_ECORRUPT;
+    }
+    *out = (sc_delta_view){
+        .header = h,
+        .ids = ids,
+        .versions = versions,
+        .checksums = ids + 2 * n,
+        .payload = h.compression == SC_COMP_NONE ? buf + payload_offset : NULL,
+        .payload_offset = payload_offset,
+        .total_bytes = len,
+    };
+    if (verify_pages && out->payload) return sc_verify_pages(out, out->payload, bad_page);
+    return SC_OK;
+}
+
+typedef struct {
+    const sc_delta_view *v;
+    const uint8_t *payload;
+    uint64_t first_bad;
+} verify_job;
+
+static int verify_range(void *ctx, uint64_t begin, uint64_t end) {
+    verify_job *j = ctx;
+    uint32_t ps = j->v->header.page_size;
+    for (uint64_t i = begin; i < end; i++) {
+        if (sc_page_checksum(j->payload + i * ps, ps) != j->v->checksums[i]) {
+            /* Report the lowest bad index across threads. */
+            uint64_t seen = __atomic_load_n(&j->first_bad, __ATOMIC_RELAXED);
+            while (i < seen && !__atomic_compare_exchange_n(&j->first_bad, &seen, i, false,
+                                                            __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            }
+            return SC_ECORRUPT;
+        }
+    }
+    return SC_OK;
+}
+
+sc_status sc_verify_pages(const sc_delta_view *v, const uint8_t *payload, uint64_t *bad_page) {
+    uint64_t n = v->header.n_pages;
+    verify_job job = {v, payload, UINT64_MAX};
+    int st = sc__parallel_for(n, sc__threads_for(n * v->header.page_size, 0), verify_range, &job);
+    if (st && bad_page) *bad_page = job.first_bad;
+    return (sc_status)st;
+}
+
+typedef struct {
+    sc_store *s;
+    const uint64_t *ids;
+    const uint8_t *const *sources;
+} scatter_job;
+
+static int scatter_range(void *ctx, uint64_t begin, uint64_t end) {
+    scatter_job *j = ctx;
+    for (uint64_t i = begin; i < end; i++)
+        memcpy(j->s->data + (j->ids[i] << j->s->page_shift), j->sources[i], j->s->page_size);
+    return SC_OK;
+}
+
+/* Prepares every listed page (COW for snapshots, version, dirty bit), then copies them,
+ * in parallel when large. `new_versions[i]` is the version page ids[i] gets. */
+sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t *new_versions,
+                               const uint8_t *const *sources, uint64_t n, int threads) {
+    uint64_t e = atomic_load(&s->epoch);
+    for (uint64_t i = 0; i < n; i++) {
+        /* Keep snapshot reads exact: a version a live snapshot could already claim must
+         * not be reused for new bytes; only a diverged replica reaches this branch. */
+        uint64_t v = new_versions[i] > s->newest_snap ? new_versions[i] : e;
+        sc_status st = sc__prepare_page(s, ids[i], v);
+        if (st) return st;
+    }
+    sc_store_publish(s);
+    scatter_job job = {s, ids, sources};
+    sc__parallel_for(n, sc__threads_for(n << s->page_shift, threads), scatter_range, &job);
+    atomic_fetch_add_explicit(&s->pages_applied, n, memory_order_relaxed);
+    return SC_OK;
+}
+
+static sc_status check_compatible(const sc_store *s, const sc_header *h) {
+    if (h->page_size != s->page_size || h->store_pages != s->n_pages) return SC_EINCOMPAT;
+    return SC_OK;
+}
+
+sc_status sc_delta_apply(sc_store *s, const sc_delta_view *v, const uint8_t *payload,
+                         int allow_gap, uint64_t *pages_written) {
+    const sc_header *h = &v->header;
+    sc_status st = check_compatible(s, h);
+    if (st) return st;
+    uint64_t e = atomic_load(&s->epoch);
+    if (!allow_gap && h->base_epoch >= e) return SC_EGAP;
+    uint64_t n = h->n_pages, k = 0;
+    uint64_t *ids = malloc((n ? n : 1) * 8), *vers = malloc((n ? n : 1) * 8);
+    const uint8_t **src = malloc((n ? n : 1) * sizeof *src);
+    if (!ids || !vers || !src) { st = SC_ENOMEM; goto out; }
+    for (uint64_t i = 0; i < n; i++) {
+        if (v->versions[i] <= sc__load_version(s, v->ids[i])) continue; /* idempotence */
+        ids[k] = v->ids[i];
+        vers[k] = v->versions[i];
+        src[k++] = payload + i * h->page_size;
+    }
+    st = sc__write_pages_from(s, ids, vers, src, k, 0);
+    if (st) goto out;
+    if (h->target_epoch + 1 > e) atomic_store(&s->epoch, h->target_epoch + 1);
+    sc__persist_header(s);
+    atomic_fetch_add_explicit(&s->deltas_applied, 1, memory_order_relaxed);
+    if (pages_written) *pages_written = k;
+out:
+    free(ids);
+    free(vers);
+    free(src);
+    return st;
+}

@@ -1,0 +1,102 @@
+/* Internal layout of the store; shared by the core's translation units only. */
+#ifndef STATECORE_INTERNAL_H
+#define STATECORE_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include "statecore.h"
+
+/* Old content of one page, kept for the live snapshots whose epoch S satisfies
+ * version <= S < until. Chains are newest first. */
+typedef struct sc_preserved {
+    struct sc_preserved *_Atomic next_in_page;
+    struct sc_preserved *next_owned;   /* list of the snapshot that answers for it */
+    uint64_t page;
+    uint64_t version;
+    uint64_t until;
+    uint8_t data[];
+} sc_preserved;
+
+typedef struct sc_snap {
+    uint64_t epoch;
+    sc_preserved *owned;
+} sc_snap;
+
+/* File layout of a path-backed store: [header 4096][data size][versions 8*n_pages]. */
+#define SC_FILE_HEADER_SIZE 4096u
+#define SC_STORE_MAGIC "SCSTORE1"
+
+typedef struct sc_file_header {
+    char magic[8];
+    uint32_t format_version;
+    uint32_t page_size;
+    uint64_t size;
+    uint64_t epoch;
+    uint64_t schema_version;
+    uint64_t dirty_base;
+    uint8_t uuid[16];
+    uint64_t checksum; /* over the fields above */
+} sc_file_header;
+
+struct sc_store {
+    uint8_t *map;
+    size_t map_len;
+    int fd;
+    sc_file_header *fh;          /* NULL for anonymous stores */
+
+    uint8_t *data;
+    uint64_t size;
+    uint64_t n_pages;
+    uint32_t page_size;
+    uint32_t page_shift;
+
+    _Atomic uint64_t *versions;  /* epoch of each page's last write */
+    bool versions_owned;         /* malloc'd (anonymous) rather than mapped */
+    _Atomic uint64_t *group_max; /* newest version in each group of 64 pages */
+    _Atomic uint64_t *dirty;     /* bit per page: written after dirty_base */
+    uint64_t n_groups;
+    uint64_t dirty_base;
+
+    _Atomic uint64_t epoch;
+    uint64_t schema_version;
+    uint8_t uuid[16];
+
+    /* Snapshots: sorted by epoch. Mutated under chain_lock (write), which also keeps
+     * readers from walking a chain while nodes are freed. */
+    pthread_rwlock_t chain_lock;
+    sc_snap *snaps;
+    uint64_t n_snaps;
+    uint64_t cap_snaps;
+    uint64_t newest_snap;        /* 0 when none */
+    sc_preserved *_Atomic *preserved; /* per-page chain heads; allocated on first snapshot */
+
+    _Atomic uint64_t preserved_pages;
+    _Atomic uint64_t pages_written;
+    _Atomic uint64_t pages_preserved_total;
+    _Atomic uint64_t deltas_applied;
+    _Atomic uint64_t pages_applied;
+};
+
+/* store.c */
+sc_status sc__prepare_page(sc_store *s, uint64_t page, uint64_t new_version);
+void sc__persist_header(sc_store *s);
+
+/* snapshot.c */
+sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t until);
+sc_status sc__read_page_as_of(sc_store *s, uint64_t epoch, uint64_t page, uint8_t *dst,
+                              uint64_t *version);
+bool sc__snap_is_live(const sc_store *s, uint64_t epoch);
+void sc__free_all_preserved(sc_store *s);
+
+/* delta.c */
+sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t *new_versions,
+                               const uint8_t *const *sources, uint64_t n, int threads);
+
+/* little helpers */
+static inline uint64_t sc__load_version(const sc_store *s, uint64_t p) {
+    return atomic_load_explicit(&s->versions[p], memory_order_acquire);
+}
+
+#endif

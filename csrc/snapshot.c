@@ -1,0 +1,199 @@
+/* Fork-free copy-on-write snapshots.
+ *
+ * A snapshot at epoch S reads a page live while the page's version is <= S. The first
+ * write after S to such a page first copies the old content into a preserved node
+ * covering [old version, write epoch) and publishes it on the page's chain; only then is
+ * the version bumped and the page modified. A reader that copied a live page re-checks
+ * the version afterwards (seqlock style): if it moved, the copy may be torn and the
+ * reader takes the preserved node instead, which is guaranteed to be published by then.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+static sc_snap *find_snap(const sc_store *s, uint64_t epoch) {
+    uint64_t lo = 0, hi = s->n_snaps;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (s->snaps[mid].epoch < epoch) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < s->n_snaps && s->snaps[lo].epoch == epoch ? &s->snaps[lo] : NULL;
+}
+
+bool sc__snap_is_live(const sc_store *s, uint64_t epoch) { return find_snap(s, epoch) != NULL; }
+
+/* Newest live snapshot with version <= epoch < until, or NULL. */
+static sc_snap *snap_needing(const sc_store *s, uint64_t version, uint64_t until) {
+    for (uint64_t i = s->n_snaps; i-- > 0;) {
+        uint64_t e = s->snaps[i].epoch;
+        if (e < until && e >= version) return &s->snaps[i];
+        if (e < version) break;
+    }
+    return NULL;
+}
+
+sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out) {
+    if (!s->preserved) {
+        /* Lazily: stores that never snapshot pay nothing; calloc of this size maps
+         * zero pages, so untouched chains cost no memory either. */
+        s->preserved = calloc(s->n_pages, sizeof *s->preserved);
+        if (!s->preserved) return SC_ENOMEM;
+    }
+    pthread_rwlock_wrlock(&s->chain_lock);
+    if (s->n_snaps == s->cap_snaps) {
+        uint64_t cap = s->cap_snaps ? s->cap_snaps * 2 : 8;
+        sc_snap *grown = realloc(s->snaps, cap * sizeof *grown);
+        if (!grown) { pthread_rwlock_unlock(&s->chain_lock); return SC_ENOMEM; }
+        s->snaps = grown;
+        s->cap_snaps = cap;
+    }
+    uint64_t e = atomic_load(&s->epoch);
+    s->snaps[s->n_snaps++] = (sc_snap){.epoch = e, .owned = NULL};
+    s->newest_snap = e;
+    atomic_store(&s->epoch, e + 1);
+    pthread_rwlock_unlock(&s->chain_lock);
+    sc__persist_header(s);
+    *epoch_out = e;
+    return SC_OK;
+}
+
+sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t until) {
+    sc_preserved *node = malloc(sizeof *node + s->page_size);
+    if (!node) return SC_ENOMEM;
+    memcpy(node->data, s->data + (page << s->page_shift), s->page_size);
+    node->page = page;
+    node->version = version;
+    node->until = until;
+    node->next_in_page = atomic_load_explicit(&s->preserved[page], memory_order_relaxed);
+    /* The newest snapshot is the one that needs it (version <= newest < until). */
+    sc_snap *owner = &s->snaps[s->n_snaps - 1];
+    node->next_owned = owner->owned;
+    owner->owned = node;
+    atomic_store_explicit(&s->preserved[page], node, memory_order_release);
+    atomic_fetch_add_explicit(&s->preserved_pages, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&s->pages_preserved_total, 1, memory_order_relaxed);
+    return SC_OK;
+}
+
+static void unlink_and_free(sc_store *s, sc_preserved *node) {
+    sc_preserved *_Atomic *link = &s->preserved[node->page];
+    for (sc_preserved *cur = atomic_load(link); cur; cur = atomic_load(link)) {
+        if (cur == node) {
+            atomic_store(link, atomic_load(&node->next_in_page));
+            break;
+        }
+        link = &cur->next_in_page;
+    }
+    free(node);
+    atomic_fetch_sub_explicit(&s->preserved_pages, 1, memory_order_relaxed);
+}
+
+sc_status sc_snapshot_release(sc_store *s, uint64_t epoch) {
+    pthread_rwlock_wrlock(&s->chain_lock);
+    sc_snap *snap = find_snap(s, epoch);
+    if (!snap) { pthread_rwlock_unlock(&s->chain_lock); return SC_ENOSNAP; }
+    sc_preserved *owned = snap->owned;
+    uint64_t idx = (uint64_t)(snap - s->snaps);
+    memmove(snap, snap + 1, (s->n_snaps - idx - 1) * sizeof *snap);
+    s->n_snaps--;
+    s->newest_snap = s->n_snaps ? s->snaps[s->n_snaps - 1].epoch : 0;
+    /* Hand each node to another live snapshot that still reads it, or free it. */
+    while (owned) {
+        sc_preserved *next = owned->next_owned;
+        sc_snap *heir = snap_needing(s, owned->version, owned->until);
+        if (heir) {
+            owned->next_owned = heir->owned;
+            heir->owned = owned;
+        } else {
+            unlink_and_free(s, owned);
+        }
+        owned = next;
+    }
+    pthread_rwlock_unlock(&s->chain_lock);
+    return SC_OK;
+}
+
+void sc__free_all_preserved(sc_store *s) {
+    for (uint64_t i = 0; i < s->n_snaps; i++) {
+        sc_preserved *n = s->snaps[i].owned;
+        while (n) {
+            sc_preserved *next = n->next_owned;
+            free(n);
+            n = next;
+        }
+    }
+    s->n_snaps = 0;
+    s->newest_snap = 0;
+    free((void *)s->preserved);
+    s->preserved = NULL;
+    atomic_store(&s->preserved_pages, 0);
+}
+
+/* Caller holds chain_lock (read) and has checked that `epoch` is live. */
+sc_status sc__read_page_as_of(sc_store *s, uint64_t epoch, uint64_t page, uint8_t *dst,
+                              uint64_t *version) {
+    uint64_t v1 = sc__load_version(s, page);
+    if (v1 <= epoch) {
+        memcpy(dst, s->data + (page << s->page_shift), s->page_size);
+        atomic_thread_fence(memory_order_acquire);
+        uint64_t v2 = sc__load_version(s, page);
+        if (v2 == v1) {
+            if (version) *version = v1;
+            return SC_OK;
+        }
+        /* A writer moved the page while we copied: its old content is preserved. */
+    }
+    for (sc_preserved *n = atomic_load_explicit(&s->preserved[page], memory_order_acquire); n;
+         n = atomic_load_explicit(&n->next_in_page, memory_order_acquire)) {
+        if (n->version <= epoch) {
+            memcpy(dst, n->data, s->page_size);
+            if (version) *version = n->version;
+            return SC_OK;
+        }
+    }
+    /* Unreachable while the snapshot is live: report rather than return wrong bytes. */
+    return SC_ECORRUPT;
+}
+
+sc_status sc_snapshot_read_pages(sc_store *s, uint64_t epoch, const uint64_t *ids, uint64_t n,
+                                 void *dst, uint64_t *versions) {
+    for (uint64_t i = 0; i < n; i++)
+        if (ids[i] >= s->n_pages) return SC_ERANGE;
+    pthread_rwlock_rdlock(&s->chain_lock);
+    sc_status st = sc__snap_is_live(s, epoch) ? SC_OK : SC_ENOSNAP;
+    uint8_t *out = dst;
+    for (uint64_t i = 0; i < n && st == SC_OK; i++)
+        st = sc__read_page_as_of(s, epoch, ids[i], out + (i << s->page_shift),
+                                 versions ? &versions[i] : NULL);
+    pthread_rwlock_unlock(&s->chain_lock);
+    return st;
+}
+
+sc_status sc_snapshot_read(sc_store *s, uint64_t epoch, uint64_t offset, void *dst, uint64_t len) {
+    if (offset > s->size || len > s->size - offset) return SC_ERANGE;
+    if (!len) return sc__snap_is_live(s, epoch) ? SC_OK : SC_ENOSNAP;
+    uint8_t *page_buf = malloc(s->page_size);
+    if (!page_buf) return SC_ENOMEM;
+    uint8_t *out = dst;
+    sc_status st = SC_OK;
+    uint64_t pos = offset, end = offset + len;
+    while (pos < end && st == SC_OK) {
+        uint64_t page = pos >> s->page_shift;
+        uint64_t in_page = pos & (s->page_size - 1);
+        uint64_t take = s->page_size - in_page;
+        if (take > end - pos) take = end - pos;
+        /* Lock per page: a long read must not hold off snapshot() or release(). */
+        bool whole = take == s->page_size;
+        pthread_rwlock_rdlock(&s->chain_lock);
+        if (!sc__snap_is_live(s, epoch)) st = SC_ENOSNAP;
+        else st = sc__read_page_as_of(s, epoch, page, whole ? out : page_buf, NULL);
+        pthread_rwlock_unlock(&s->chain_lock);
+        if (st == SC_OK && !whole) memcpy(out, page_buf + in_page, take);
+        out += take;
+        pos += take;
+    }
+    free(page_buf);
+    return st;
+}

@@ -1,0 +1,76 @@
+"""Argument checking shared by the Python API: every message names the argument and the
+allowed range, and nothing is touched before the checks pass."""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+
+MIN_PAGE_SIZE = 512
+MAX_PAGE_SIZE = 1 << 20
+DEFAULT_PAGE_SIZE = 4096
+
+
+def as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+
+
+def check_page_size(page_size: Any) -> int:
+    ps = as_int("page_size", page_size)
+    if ps < MIN_PAGE_SIZE or ps > MAX_PAGE_SIZE or ps & (ps - 1):
+        raise ValueError(
+            f"page_size must be a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}, got {ps}")
+    return ps
+
+
+def check_size(size: Any, page_size: int) -> int:
+    n = as_int("size", size)
+    if n <= 0 or n % page_size:
+        raise ValueError(f"size must be a positive multiple of page_size ({page_size}), got {n}")
+    return n
+
+
+def check_range(offset: Any, length: int, size: int, what: str = "offset") -> int:
+    off = as_int(what, offset)
+    if off < 0 or length < 0 or off > size or length > size - off:
+        top = max(size - length, 0)
+        raise IndexError(
+            f"{what} {off} with length {length} is outside the store: {what} must be in "
+            f"[0, {top}] for {length} bytes of a {size}-byte store")
+    return off
+
+
+def byte_view(data: Any, name: str = "data") -> memoryview:
+    """A flat, C-contiguous byte view of any bytes-like object, without a copy if possible."""
+    try:
+        mv = memoryview(data)
+    except TypeError:
+        raise TypeError(f"{name} must be a bytes-like object (bytes, bytearray, memoryview, "
+                        f"numpy array), got {type(data).__name__}") from None
+    if not mv.c_contiguous:
+        mv = memoryview(np.ascontiguousarray(np.asarray(data)))
+    if mv.ndim != 1 or mv.format != "B":
+        mv = mv.cast("B")
+    return mv
+
+
+def page_id_array(page_ids: Any, n_pages: int, name: str = "page_ids") -> np.ndarray:
+    ids = np.asarray(page_ids)
+    if ids.ndim == 0:
+        ids = ids.reshape(1)
+    if ids.size == 0:
+        return np.empty(0, dtype=np.uint64)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be a 1-D sequence of integers, got dtype {ids.dtype} "
+                        f"with shape {ids.shape}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= n_pages:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"{name} contains {bad}: page ids must be in [0, {n_pages - 1}]")
+    return np.ascontiguousarray(ids, dtype=np.uint64)

@@ -1,0 +1,630 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Thin binding over the C core. The Python API (store.py, delta.py, ...) validates
+arguments and gives the friendly messages; this layer maps status codes to exceptions,
+releases the GIL around bulk work and counts buffer exports and in-flight calls."""
+
+import os
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.errno cimport errno
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+from statecore import errors
+
+HEADER_SIZE = SC_HEADER_SIZE
+FORMAT_VERSION = SC_FORMAT_VERSION
+KIND_DELTA = SC_KIND_DELTA
+KIND_CHECKPOINT = SC_KIND_CHECKPOINT
+
+# ---- fork safety ------------------------------------------------------------------
+# A child of fork() shares a file-backed mapping with its parent; writing through it
+# would corrupt the parent's state, so every object made before the fork refuses work.
+cdef unsigned long _fork_generation = 0
+
+
+def _after_fork_in_child():
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---- the one place status codes become exceptions ----------------------------------
+cdef int raise_status(sc_status st, str what, object corrupt=None) except -1:
+    cdef int err = errno  # first: Python code below may overwrite it
+    msg = f"{what}: {sc_strerror(st).decode()}"
+    if st == SC_EINVAL:
+        raise ValueError(msg)
+    if st == SC_ERANGE:
+        raise IndexError(msg)
+    if st == SC_ENOMEM:
+        raise MemoryError(msg)
+    if st == SC_EIO:
+        raise OSError(err, f"{msg}: {os.strerror(err) if err else 'I/O error'}")
+    if st == SC_EMISMATCH:
+        raise errors.StoreMismatch(msg)
+    if st == SC_EFORMAT:
+        raise errors.UnsupportedFormat(msg)
+    if st == SC_ECORRUPT:
+        raise (corrupt or errors.CorruptDelta)(msg)
+    if st == SC_EGAP:
+        raise errors.EpochGap(msg)
+    if st == SC_ENOSNAP:
+        raise errors.SnapshotReleased(msg)
+    if st == SC_EINCOMPAT:
+        raise errors.IncompatibleDelta(msg)
+    if st == SC_EBUSY:
+        raise errors.StoreLocked(msg)
+    raise errors.StateError(msg)
+
+
+cdef inline int check(sc_status st, str what, object corrupt=None) except -1:
+    if st != SC_OK:
+        raise_status(st, what, corrupt)
+    return 0
+
+
+def page_checksum(const uint8_t[::1] data not None):
+    """murmur3 x64-128 (seed 0), low 64 bits: the per-page checksum of every format."""
+    cdef uint64_t h
+    with nogil:
+        h = sc_page_checksum(&data[0] if data.shape[0] else NULL, data.shape[0])
+    return h
+
+
+# ---- buffers ------------------------------------------------------------------------
+cdef class NativeBuffer:
+    """A read-only, malloc'd buffer made by the core (a delta), exported without copies."""
+    cdef uint8_t *data
+    cdef Py_ssize_t length
+    cdef Py_ssize_t shape[1]
+
+    def __dealloc__(self):
+        free(self.data)
+
+    def __len__(self):
+        return self.length
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("statecore buffers are read-only")
+        self.shape[0] = self.length
+        view.buf = self.data
+        view.obj = self
+        view.len = self.length
+        view.readonly = 1
+        view.itemsize = 1
+        view.format = "B"
+        view.ndim = 1
+        view.shape = self.shape
+        view.strides = NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+
+cdef NativeBuffer wrap_native(uint8_t *data, uint64_t length):
+    cdef NativeBuffer b = NativeBuffer.__new__(NativeBuffer)
+    b.data = data
+    b.length = <Py_ssize_t>length
+    return b
+
+
+cdef class _Region:
+    """Writable view of the live bytes, for StateArray's in-place numpy writes only.
+    Counts as an export of the store, so the mapping cannot go away under it."""
+    cdef StoreCore store
+    cdef Py_ssize_t shape[1]
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        self.store._enter_export()
+        self.shape[0] = <Py_ssize_t>sc_store_size(self.store._s)
+        view.buf = <void *>sc_store_data(self.store._s)
+        view.obj = self
+        view.len = self.shape[0]
+        view.readonly = 0
+        view.itemsize = 1
+        view.format = "B"
+        view.ndim = 1
+        view.shape = self.shape
+        view.strides = NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer *view):
+        self.store._exports -= 1
+
+
+# ---- parsed deltas and checkpoints ---------------------------------------------------
+cdef class DeltaView:
+    """A validated delta or checkpoint buffer, held while in use."""
+    cdef Py_buffer buf
+    cdef bint has_buf
+    cdef Py_buffer payload_buf
+    cdef bint has_payload
+    cdef sc_delta_view v
+    cdef const uint8_t *payload
+    cdef readonly object source
+
+    def __dealloc__(self):
+        if self.has_buf:
+            PyBuffer_Release(&self.buf)
+        if self.has_payload:
+            PyBuffer_Release(&self.payload_buf)
+
+    @property
+    def base_epoch(self): return self.v.header.base_epoch
+    @property
+    def target_epoch(self): return self.v.header.target_epoch
+    @property
+    def page_size(self): return self.v.header.page_size
+    @property
+    def n_pages(self): return self.v.header.n_pages
+    @property
+    def store_pages(self): return self.v.header.store_pages
+    @property
+    def schema_version(self): return self.v.header.schema_version
+    @property
+    def compression(self): return self.v.header.compression
+    @property
+    def format_version(self): return self.v.header.format_version
+    @property
+    def store_uuid(self): return bytes(self.v.header.store_uuid[:16])
+    @property
+    def payload_offset(self): return self.v.payload_offset
+    @property
+    def total_bytes(self): return self.v.total_bytes
+    @property
+    def has_pages(self): return self.payload != NULL or self.v.header.n_pages == 0
+
+    def attach_payload(self, object payload, object corrupt):
+        """Give a compressed delta its decompressed pages; checks every page checksum."""
+        cdef uint64_t bad = 0
+        cdef sc_status st
+        if self.has_payload:
+            raise ValueError("payload already attached")
+        PyObject_GetBuffer(payload, &self.payload_buf, PyBUF_SIMPLE)
+        self.has_payload = True
+        if <uint64_t>self.payload_buf.len != self.v.header.n_pages * self.v.header.page_size:
+            raise corrupt("decompressed payload has the wrong size")
+        with nogil:
+            st = sc_verify_pages(&self.v, <const uint8_t *>self.payload_buf.buf, &bad)
+        if st == SC_ECORRUPT:
+            raise corrupt(f"checksum mismatch in page {self.v.ids[bad]} (entry {bad})")
+        check(st, "verify pages", corrupt)
+        self.payload = <const uint8_t *>self.payload_buf.buf
+
+
+def parse(object source, int kind, bint verify_pages, object corrupt):
+    """Validate a delta/checkpoint buffer. Raises `corrupt` naming what is wrong."""
+    cdef DeltaView dv = DeltaView.__new__(DeltaView)
+    cdef uint64_t bad = 0
+    cdef sc_status st
+    PyObject_GetBuffer(source, &dv.buf, PyBUF_SIMPLE)
+    dv.has_buf = True
+    if (<uintptr_t>dv.buf.buf) % 8:
+        # u64 arrays are read in place; a misaligned buffer gets one aligned copy.
+        PyBuffer_Release(&dv.buf)
+        dv.has_buf = False
+        source = bytes(source)
+        PyObject_GetBuffer(source, &dv.buf, PyBUF_SIMPLE)
+        dv.has_buf = True
+    dv.source = source
+    with nogil:
+        st = sc_delta_parse(<const uint8_t *>dv.buf.buf, <uint64_t>dv.buf.len, <uint16_t>kind,
+                            verify_pages, &dv.v, &bad)
+    if st == SC_ECORRUPT and verify_pages and dv.v.header.n_pages and bad < dv.v.header.n_pages \
+            and dv.v.ids != NULL:
+        raise corrupt(f"checksum mismatch in page {dv.v.ids[bad]} (entry {bad})")
+    if st == SC_ECORRUPT:
+        raise corrupt(_describe_corruption(source, kind))
+    check(st, "parse", corrupt)
+    dv.payload = dv.v.payload
+    return dv
+
+
+cdef str _describe_corruption(object source, int kind):
+    # The C parser says only "corrupt"; re-derive the first failing check for the message.
+    cdef const uint8_t[::1] b
+    try:
+        b = memoryview(source).cast("B")
+    except TypeError:
+        return "unreadable buffer"
+    n = b.shape[0]
+    name = "checkpoint" if kind == SC_KIND_CHECKPOINT else "delta"
+    if n < SC_HEADER_SIZE:
+        return f"{name} truncated: {n} bytes, header needs {SC_HEADER_SIZE}"
+    magic = bytes(b[:8])
+    if magic not in (b"SCDELTA1", b"SCCKPT01"):
+        return f"not a statecore {name}: bad magic {magic!r}"
+    if (magic == b"SCCKPT01") != (kind == SC_KIND_CHECKPOINT):
+        return f"not a statecore {name}: magic {magic!r} belongs to another kind"
+    if sc_page_checksum(&b[0], 120) != (<const uint64_t *>&b[120])[0]:
+        return f"{name} header checksum mismatch"
+    return f"{name} structure invalid (sizes, index checksum, page ids or versions)"
+
+
+# ---- the store -----------------------------------------------------------------------
+cdef class StoreCore:
+    """Owns an sc_store. Subclassed by statecore.Store."""
+    cdef sc_store *_s
+    cdef int _exports
+    cdef int _active
+    cdef unsigned long _gen
+    cdef Py_ssize_t _shape[1]
+
+    def __cinit__(self, *args, **kwargs):
+        self._s = NULL
+        self._gen = _fork_generation
+
+    def __dealloc__(self):
+        # In a forked child the mapping is the parent's (file-backed): leave it alone.
+        if self._s != NULL and self._gen == _fork_generation:
+            sc_store_close(self._s)
+        self._s = NULL
+
+    def _open(self, path, uint64_t size, uint32_t page_size):
+        cdef bytes p = os.fsencode(path) if path is not None else None
+        cdef const char *cp = NULL
+        cdef sc_status st
+        if p is not None:
+            cp = p
+        with nogil:
+            st = sc_store_open(cp, size, page_size, &self._s)
+        if st != SC_OK:
+            what = f"open {os.fsdecode(p)!r}" if p is not None else "create anonymous store"
+            raise_status(st, what, errors.CorruptStore)
+
+    cdef inline int _enter(self) except -1:
+        if self._s == NULL:
+            raise errors.StoreClosed("store is closed")
+        if self._gen != _fork_generation:
+            raise errors.StoreForked("this store was opened before os.fork(); reopen it in the child")
+        self._active += 1
+        return 0
+
+    cdef inline void _leave(self) noexcept:
+        self._active -= 1
+
+    cdef int _enter_export(self) except -1:
+        self._enter()
+        self._leave()
+        self._exports += 1
+        return 0
+
+    @property
+    def closed(self):
+        return self._s == NULL
+
+    def _check(self):
+        self._enter()
+        self._leave()
+
+    def _close(self):
+        if self._s == NULL:
+            return
+        if self._exports:
+            raise BufferError(f"cannot close: {self._exports} buffer(s) still exported "
+                              "(release memoryviews / numpy arrays over the store first)")
+        if self._active:
+            raise errors.StateError("cannot close: a call is still running in another thread")
+        if self._gen == _fork_generation:
+            with nogil:
+                sc_store_close(self._s)
+        self._s = NULL
+
+    def _sync(self):
+        self._enter()
+        try:
+            with nogil:
+                st = sc_store_sync(self._s)
+            check(st, "sync")
+        finally:
+            self._leave()
+
+    # -- properties (callers have checked the store is open) --
+    @property
+    def size(self):
+        self._check()
+        return sc_store_size(self._s)
+
+    @property
+    def page_size(self):
+        self._check()
+        return sc_store_page_size(self._s)
+
+    @property
+    def n_pages(self):
+        self._check()
+        return sc_store_n_pages(self._s)
+
+    @property
+    def epoch(self):
+        self._check()
+        return sc_store_epoch(self._s)
+
+    @property
+    def _exports_count(self):
+        return self._exports
+
+    def _uuid(self):
+        self._check()
+        return bytes(sc_store_uuid(self._s)[:16])
+
+    def _set_uuid(self, bytes uuid not None):
+        self._check()
+        if len(uuid) != 16:
+            raise ValueError("uuid must be 16 bytes")
+        sc_store_set_uuid(self._s, <const uint8_t *>PyBytes_AS_STRING(uuid))
+
+    def _schema_version(self):
+        self._check()
+        return sc_store_schema_version(self._s)
+
+    def _set_schema_version(self, uint64_t v):
+        self._check()
+        sc_store_set_schema_version(self._s, v)
+
+    def _set_epoch(self, uint64_t e):
+        self._check()
+        sc_store_set_epoch(self._s, e)
+
+    def _page_version(self, uint64_t page):
+        self._check()
+        return sc_store_page_version(self._s, page)
+
+    # -- the live bytes as a read-only buffer --
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("the live view of a store is read-only; write through the store")
+        self._enter_export()
+        self._shape[0] = <Py_ssize_t>sc_store_size(self._s)
+        view.buf = <void *>sc_store_data(self._s)
+        view.obj = self
+        view.len = self._shape[0]
+        view.readonly = 1
+        view.itemsize = 1
+        view.format = "B"
+        view.ndim = 1
+        view.shape = self._shape
+        view.strides = NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer *view):
+        self._exports -= 1
+
+    def _writable_region(self):
+        self._check()
+        cdef _Region r = _Region.__new__(_Region)
+        r.store = self
+        return r
+
+    # -- writes --
+    def _write(self, uint64_t offset, const uint8_t[::1] data not None):
+        cdef sc_status st
+        cdef uint64_t n = data.shape[0]
+        self._enter()
+        try:
+            with nogil:
+                st = sc_store_write(self._s, offset, &data[0] if n else NULL, n)
+            check(st, "write")
+        finally:
+            self._leave()
+
+    def _write_pages(self, const uint64_t[::1] ids not None, const uint8_t[::1] data not None):
+        cdef sc_status st
+        cdef uint64_t n = ids.shape[0]
+        if n == 0:
+            return
+        self._enter()
+        try:
+            with nogil:
+                st = sc_store_write_pages(self._s, &ids[0], n, &data[0])
+            check(st, "write_pages")
+        finally:
+            self._leave()
+
+    def _touch_pages(self, const uint64_t[::1] ids not None):
+        cdef sc_status st
+        cdef uint64_t n = ids.shape[0]
+        if n == 0:
+            return
+        self._enter()
+        try:
+            with nogil:
+                st = sc_store_touch_pages(self._s, &ids[0], n)
+            check(st, "touch pages")
+        finally:
+            self._leave()
+
+    def _touch_range(self, uint64_t offset, uint64_t length):
+        cdef sc_status st
+        self._enter()
+        try:
+            with nogil:
+                st = sc_store_touch_range(self._s, offset, length)
+            check(st, "touch range")
+        finally:
+            self._leave()
+
+    def _read(self, uint64_t offset, uint64_t length):
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>length)
+        cdef char *dst = PyBytes_AS_STRING(out)
+        cdef sc_status st
+        self._enter()
+        try:
+            with nogil:
+                st = sc_store_read(self._s, offset, dst, length)
+            check(st, "read")
+        finally:
+            self._leave()
+        return out
+
+    # -- snapshots --
+    def _snapshot(self):
+        cdef uint64_t e = 0
+        cdef sc_status st
+        self._enter()
+        try:
+            st = sc_snapshot_take(self._s, &e)
+            check(st, "snapshot")
+        finally:
+            self._leave()
+        return e
+
+    def _release(self, uint64_t epoch):
+        cdef sc_status st
+        self._enter()
+        try:
+            with nogil:
+                st = sc_snapshot_release(self._s, epoch)
+            check(st, "release snapshot")
+        finally:
+            self._leave()
+
+    def _snap_read(self, uint64_t epoch, uint64_t offset, uint64_t length):
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>length)
+        cdef char *dst = PyBytes_AS_STRING(out)
+        cdef sc_status st
+        self._enter()
+        try:
+            with nogil:
+                st = sc_snapshot_read(self._s, epoch, offset, dst, length)
+            check(st, "snapshot read")
+        finally:
+            self._leave()
+        return out
+
+    def _snap_read_pages(self, uint64_t epoch, const uint64_t[::1] ids not None):
+        cdef uint64_t n = ids.shape[0]
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n * sc_store_page_size(self._s)))
+        cdef bytes vers = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n * 8))
+        cdef char *dst = PyBytes_AS_STRING(out)
+        cdef uint64_t *vp = <uint64_t *>PyBytes_AS_STRING(vers)
+        cdef sc_status st = SC_OK
+        self._enter()
+        try:
+            if n:
+                with nogil:
+                    st = sc_snapshot_read_pages(self._s, epoch, &ids[0], n, dst, vp)
+            check(st, "snapshot read pages")
+        finally:
+            self._leave()
+        return out, vers
+
+    def _changed_pages(self, uint64_t since, uint64_t until):
+        cdef uint64_t *ids = NULL
+        cdef uint64_t *vers = NULL
+        cdef uint64_t n = 0
+        cdef sc_status st
+        self._enter()
+        try:
+            with nogil:
+                st = sc_changed_pages(self._s, since, until, &ids, &vers, &n)
+            check(st, "changed pages")
+            return wrap_native(<uint8_t *>ids, n * 8), wrap_native(<uint8_t *>vers, n * 8)
+        finally:
+            self._leave()
+
+    def _clear_dirty(self, uint64_t epoch):
+        self._enter()
+        try:
+            with nogil:
+                sc_store_clear_dirty(self._s, epoch)
+        finally:
+            self._leave()
+
+    # -- deltas, replay, checkpoints --
+    def _delta_build(self, uint64_t since, uint64_t until):
+        cdef uint8_t *buf = NULL
+        cdef uint64_t n = 0
+        cdef sc_status st
+        self._enter()
+        try:
+            with nogil:
+                st = sc_delta_build(self._s, since, until, &buf, &n)
+            check(st, "build delta")
+        finally:
+            self._leave()
+        return wrap_native(buf, n)
+
+    def _apply(self, DeltaView dv not None, bint allow_gap):
+        cdef uint64_t written = 0
+        cdef sc_status st
+        if not dv.has_pages:
+            raise ValueError("delta has no decompressed pages attached")
+        self._enter()
+        try:
+            with nogil:
+                st = sc_delta_apply(self._s, &dv.v, dv.payload, allow_gap, &written)
+            check(st, f"apply delta ({dv.v.header.base_epoch}, {dv.v.header.target_epoch}] "
+                      f"to store at epoch {sc_store_epoch(self._s)}")
+        finally:
+            self._leave()
+        return written
+
+    def _replay(self, list views not None, bint allow_gap, int threads):
+        cdef uint64_t k = len(views), i
+        cdef sc_delta_view *vs = <sc_delta_view *>malloc((k or 1) * sizeof(sc_delta_view))
+        cdef const uint8_t **ps = <const uint8_t **>malloc((k or 1) * sizeof(uint8_t *))
+        cdef sc_replay_result r
+        cdef sc_status st
+        cdef DeltaView dv
+        if vs == NULL or ps == NULL:
+            free(vs)
+            free(ps)
+            raise MemoryError("replay")
+        try:
+            for i in range(k):
+                dv = views[i]
+                if not dv.has_pages:
+                    raise ValueError("delta has no decompressed pages attached")
+                vs[i] = dv.v
+                ps[i] = dv.payload
+            self._enter()
+            try:
+                with nogil:
+                    st = sc_replay(self._s, vs, ps, k, allow_gap, threads, &r)
+                check(st, "replay")
+            finally:
+                self._leave()
+        finally:
+            free(vs)
+            free(ps)
+        return r.pages_in, r.pages_written, r.pages_superseded, r.pages_skipped
+
+    def _checkpoint_save(self, uint64_t epoch, int fd):
+        cdef uint64_t nbytes = 0
+        cdef sc_status st
+        self._enter()
+        try:
+            with nogil:
+                st = sc_checkpoint_save(self._s, epoch, fd, &nbytes)
+            check(st, "save checkpoint")
+        finally:
+            self._leave()
+        return nbytes
+
+    def _stats(self):
+        cdef sc_stats s
+        self._check()
+        sc_store_stats(self._s, &s)
+        return {
+            "epoch": s.epoch,
+            "live_snapshots": s.live_snapshots,
+            "oldest_snapshot": s.oldest_snapshot or None,
+            "preserved_pages": s.preserved_pages,
+            "preserved_bytes": s.preserved_bytes,
+            "pages_written": s.pages_written,
+            "pages_preserved_total": s.pages_preserved_total,
+            "dirty_pages": s.dirty_pages,
+            "deltas_applied": s.deltas_applied,
+            "pages_applied": s.pages_applied,
+        }

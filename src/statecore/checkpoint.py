@@ -1,0 +1,94 @@
+"""Checkpoint files: a full image of a snapshot, with per-page checksums.
+
+On disk a checkpoint is delta(0, S) with its own magic: header (format version, page
+size, store size, epoch, schema version, store identity, checksums), the index of the
+pages ever written (id, version, murmur3 checksum) and their bytes."""
+from __future__ import annotations
+
+import mmap
+import os
+from typing import TYPE_CHECKING, Callable, Optional, Type, TypeVar
+
+from . import _core, errors
+
+if TYPE_CHECKING:
+    from .store import PathLike, Store
+
+S = TypeVar("S", bound="Store")
+
+
+def fsync_directory(path: "PathLike") -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(store: "Store", epoch: int, path: "PathLike",
+                    progress: Optional[Callable[[int, int], None]] = None) -> int:
+    """Write the snapshot at `epoch` atomically to `path`; returns the file size."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            nbytes = store._checkpoint_save(epoch, fd)  # fsyncs the file
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_directory(path)
+    if progress is not None:
+        progress(nbytes, nbytes)
+    return nbytes
+
+
+def open_readonly_mmap(path: "PathLike") -> mmap.mmap:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise errors.CorruptCheckpoint(f"{os.fspath(path)!r} is empty")
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def read_checkpoint(checkpoint_path: "PathLike") -> "_core.DeltaView":
+    """Map a checkpoint file and validate it completely (every page checksum)."""
+    mm = open_readonly_mmap(checkpoint_path)
+    try:
+        return _core.parse(mm, _core.KIND_CHECKPOINT, True, errors.CorruptCheckpoint)
+    except errors.CorruptCheckpoint as e:
+        raise errors.CorruptCheckpoint(f"{os.fspath(checkpoint_path)!r}: {e}") from None
+
+
+def load_checkpoint(cls: Type[S], checkpoint_path: "PathLike",
+                    path: Optional["PathLike"] = None) -> S:
+    if path is not None and os.path.exists(path) and os.path.getsize(path) > 0:
+        raise FileExistsError(f"path {os.fspath(path)!r} exists: Store.load restores into a "
+                              "new store file (remove it first or pick another path)")
+    view = read_checkpoint(checkpoint_path)
+    store = cls(path, size=view.store_pages * view.page_size, page_size=view.page_size)
+    try:
+        restore_into(store, view)
+    except BaseException:
+        store.close()
+        if path is not None:
+            os.unlink(path)
+        raise
+    return store
+
+
+def restore_into(store: "Store", view: "_core.DeltaView") -> None:
+    """Write a validated checkpoint into an empty store and adopt its identity."""
+    store._begin_write()
+    try:
+        store._apply(view, True)
+        store._set_epoch(view.target_epoch + 1)
+        store._set_uuid(view.store_uuid)
+        store._set_schema_version(view.schema_version)
+    finally:
+        store._write_lock.release()

@@ -3,19 +3,21 @@
 State lives in an mmap'd page store; snapshots are O(1) and fork-free; deltas carry
 exactly the pages changed between two epochs; replay applies them at memory speed."""
 from .errors import (CorruptCheckpoint, CorruptData, CorruptDelta, CorruptStore, EpochGap,
-                     IncompatibleDelta, SnapshotReleased, StateError, StoreClosed,
+                     IncompatibleDelta, SchemaMismatch, SnapshotReleased, StateError, StoreClosed,
                      StoreForked, StoreLocked, StoreMismatch, UnsupportedFormat)
 from .store import Store
 from .array import StateArray
 from .snapshot import Snapshot
 from .delta import Delta
 from .replay import ReplayStats, replay
+from .durable import DurableStore
+from .recovery import RecoveryReport
 from ._core import page_checksum
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Store", "StateArray", "Snapshot", "Delta", "ReplayStats", "replay", "page_checksum",
+    "Store", "DurableStore", "RecoveryReport", "SchemaMismatch", "StateArray", "Snapshot", "Delta", "ReplayStats", "replay", "page_checksum",
     "StateError", "StoreClosed", "StoreForked", "StoreLocked", "StoreMismatch",
     "UnsupportedFormat", "CorruptData", "CorruptDelta", "CorruptCheckpoint", "CorruptStore",
     "EpochGap", "IncompatibleDelta", "SnapshotReleased",

@@ -53,6 +53,10 @@ def byte_view(data: Any, name: str = "data") -> memoryview:
     except TypeError:
         raise TypeError(f"{name} must be a bytes-like object (bytes, bytearray, memoryview, "
                         f"numpy array), got {type(data).__name__}") from None
+    # Object arrays export their PyObject pointers: storing those bytes is never meant.
+    if "O" in mv.format and np.asarray(data).dtype.hasobject:
+        raise TypeError(f"{name} must hold plain bytes or numbers, got an array of Python "
+                        f"objects (format {mv.format!r})")
     if not mv.c_contiguous:
         mv = memoryview(np.ascontiguousarray(np.asarray(data)))
     if mv.ndim != 1 or mv.format != "B":

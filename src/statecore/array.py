@@ -134,6 +134,11 @@ class StateArray:
         parts = key if isinstance(key, tuple) else (key,)
         if all(_is_basic(p) for p in parts):
             sub = view[key]
+            if not isinstance(sub, np.ndarray):
+                # One element comes back as a numpy scalar, which has no address; with a
+                # trailing Ellipsis numpy returns it as a 0-d view instead (a key that
+                # already holds an Ellipsis never yields a scalar).
+                sub = view[parts + (Ellipsis,)]
             return sub.shape, *self._basic_pages(view, sub)
         first, rest = parts[0], parts[1:]
         if all(_is_basic(p) for p in rest):

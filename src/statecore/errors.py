@@ -53,3 +53,7 @@ class IncompatibleDelta(StateError, ValueError):
 
 class SnapshotReleased(StateError):
     """The snapshot was released (or its store closed) and can no longer be read."""
+
+
+class SchemaMismatch(StateError):
+    """A durable store's schema version differs from the one asked for, with no migration."""

@@ -1,0 +1,357 @@
+"""DurableStore: a Store whose directory holds checkpoints and a journal of commits, and
+that recovers itself on open."""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, List, Optional
+
+from . import errors
+from ._args import DEFAULT_PAGE_SIZE, as_int, check_page_size, check_size
+from .checkpoint import fsync_directory
+from .delta import Delta
+from .journal import JournalWriter, segment_name
+from .manifest import (Manifest, checkpoint_name, read_manifest, scan_directory,
+                       write_manifest)
+from .recovery import Discarded, RecoveryReport, recover
+from .store import PathLike, Store
+
+log = logging.getLogger("statecore")
+
+LOCK_NAME = "LOCK"
+
+
+def _lock_directory(directory: str) -> int:
+    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise errors.StoreLocked(f"durable store {directory!r} is open in another process "
+                                 "(or another DurableStore in this one)") from None
+    return fd
+
+
+class DurableStore(Store):
+    """`commit()` makes the writes so far durable (one fsync'd journal record) and returns
+    the epoch it closed; `checkpoint()` writes a full image in the background and trims the
+    journal; opening an existing directory recovers it (`recovery` says how)."""
+
+    def __init__(self, directory: PathLike, *, size: Optional[int] = None,
+                 page_size: Optional[int] = None, schema_version: Optional[int] = None,
+                 migrate: Optional[Callable[["DurableStore", int], None]] = None,
+                 keep_checkpoints: int = 2) -> None:
+        self.directory = os.fspath(directory)
+        self.keep_checkpoints = as_int("keep_checkpoints", keep_checkpoints)
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        self._lock_fd = _lock_directory(self.directory)
+        try:
+            self._open_directory(size, page_size, schema_version, migrate)
+        except BaseException:
+            if not self.closed:
+                Store.close(self)
+            os.close(self._lock_fd)
+            raise
+
+    # ---- opening -----------------------------------------------------------------------
+    def _open_directory(self, size: Optional[int], page_size: Optional[int],
+                        schema_version: Optional[int], migrate: Any) -> None:
+        self._append_lock = threading.Lock()
+        self._sync_cond = threading.Condition()
+        self._appended = self._synced = 0
+        self._syncing = False
+        self._broken: Optional[str] = None
+        self._listeners: List[Callable[[Delta], None]] = []
+        self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statecore-ckpt")
+        self._pending: List[Future] = []
+        manifest, notes = self._read_or_create_manifest(size, page_size, schema_version)
+        Store.__init__(self, None, size=manifest.size, page_size=manifest.page_size)
+        self._set_uuid(bytes.fromhex(manifest.uuid))
+        self.manifest = manifest
+        if notes is None:
+            self.recovery = RecoveryReport(fresh=True)
+        else:
+            self.recovery, damage = recover(self, self.directory, manifest)
+            self.recovery.discarded[:0] = notes
+            self._repair(damage)
+            log.info("statecore: %s", self.recovery)
+        self._set_schema_version(manifest.schema_version)
+        self._last_commit = self.epoch - 1
+        self._journal = JournalWriter(os.path.join(self.directory, segment_name(manifest.segments[-1])))
+        self._check_schema(schema_version, migrate)
+
+    def _read_or_create_manifest(self, size: Optional[int], page_size: Optional[int],
+                                 schema_version: Optional[int]):
+        try:
+            manifest = read_manifest(self.directory)
+            notes: Optional[List[Discarded]] = []
+        except FileNotFoundError:
+            ckpts, segs = scan_directory(self.directory)
+            if ckpts or segs:
+                return self._rebuild_manifest(size, page_size, "manifest missing")
+            return self._new_manifest(size, page_size, schema_version), None
+        except errors.CorruptData as e:
+            return self._rebuild_manifest(size, page_size, str(e))
+        self._check_geometry(manifest, size, page_size)
+        return manifest, notes
+
+    def _new_manifest(self, size: Optional[int], page_size: Optional[int],
+                      schema_version: Optional[int]) -> Manifest:
+        if size is None:
+            raise TypeError(f"{self.directory!r} holds no durable store: size is required "
+                            "to create one")
+        ps = check_page_size(page_size) if page_size is not None else DEFAULT_PAGE_SIZE
+        manifest = Manifest(size=check_size(size, ps), page_size=ps, uuid=os.urandom(16).hex(),
+                            schema_version=schema_version or 0, segments=[0])
+        write_manifest(self.directory, manifest)
+        return manifest
+
+    def _rebuild_manifest(self, size: Optional[int], page_size: Optional[int], why: str):
+        """The manifest is damaged: rebuild it from the files present and the caller's
+        size, and say so in the report."""
+        ckpts, segs = scan_directory(self.directory)
+        if size is None:
+            raise errors.CorruptData(f"{self.directory!r}: {why}, and no size was given to "
+                                     "rebuild it: pass size= and page_size=")
+        ps = check_page_size(page_size) if page_size is not None else DEFAULT_PAGE_SIZE
+        uuid = self._uuid_from_files(ckpts) or os.urandom(16).hex()
+        manifest = Manifest(size=check_size(size, ps), page_size=ps, uuid=uuid,
+                            checkpoints=ckpts, segments=segs or [0])
+        note = Discarded("MANIFEST", f"{why}; rebuilt from the directory listing "
+                         f"({len(ckpts)} checkpoints, {len(segs)} journal segments)")
+        return manifest, [note]
+
+    def _uuid_from_files(self, ckpts: List[int]) -> Optional[str]:
+        from . import _core
+        for epoch in reversed(ckpts):
+            try:
+                with open(os.path.join(self.directory, checkpoint_name(epoch)), "rb") as f:
+                    head = f.read(_core.HEADER_SIZE)
+                return head[72:88].hex() if len(head) == _core.HEADER_SIZE else None
+            except OSError:
+                continue
+        return None
+
+    def _check_geometry(self, manifest: Manifest, size: Optional[int],
+                        page_size: Optional[int]) -> None:
+        if size is not None and size != manifest.size:
+            raise errors.StoreMismatch(f"{self.directory!r} holds a store of size "
+                                       f"{manifest.size}, not {size}")
+        if page_size is not None and page_size != manifest.page_size:
+            raise errors.StoreMismatch(f"{self.directory!r} holds a store with page_size "
+                                       f"{manifest.page_size}, not {page_size}")
+
+    def _repair(self, damage: Any) -> None:
+        """After a damaged journal: cut a torn tail in place; after damage in the middle,
+        set the damaged segments aside and continue in a new one."""
+        if damage is None:
+            self._write_manifest_now()
+            return
+        name, dmg, at_tail = damage
+        path = os.path.join(self.directory, name)
+        if at_tail and dmg.offset >= 0:
+            with open(path, "r+b") as f:
+                f.truncate(dmg.offset)
+                os.fsync(f.fileno())
+            self.recovery.repairs.append(f"cut {name} to {dmg.offset} bytes")
+            self._write_manifest_now()
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        keep = [s for s in self.manifest.segments if segment_name(s) < name]
+        for s in self.manifest.segments:
+            if s not in keep and os.path.exists(os.path.join(self.directory, segment_name(s))):
+                aside = f"{segment_name(s)}.damaged-{stamp}"
+                os.replace(os.path.join(self.directory, segment_name(s)),
+                           os.path.join(self.directory, aside))
+                self.recovery.repairs.append(f"moved {segment_name(s)} aside as {aside}")
+        self.manifest.segments = keep + [self.epoch - 1]
+        self._write_manifest_now()
+
+    def _write_manifest_now(self) -> None:
+        self.manifest.schema_version = self._schema_version()
+        write_manifest(self.directory, self.manifest)
+
+    def _check_schema(self, wanted: Optional[int], migrate: Any) -> None:
+        have = self.manifest.schema_version
+        if wanted is None or wanted == have:
+            return
+        want = as_int("schema_version", wanted)
+        if want < have:
+            raise errors.SchemaMismatch(f"{self.directory!r} has schema version {have}, newer than "
+                                 f"the {want} asked for; refusing to downgrade")
+        if migrate is None:
+            raise errors.SchemaMismatch(f"{self.directory!r} has schema version {have}, not {want}: "
+                                 "pass migrate=fn(store, old_version) to upgrade it")
+        migrate(self, have)
+        self._set_schema_version(want)
+        self.commit()
+        self._write_manifest_now()
+        log.info("statecore: migrated %s from schema %d to %d", self.directory, have, want)
+
+    # ---- commits -------------------------------------------------------------------------
+    def _usable(self) -> None:
+        self._check()
+        if self._broken:
+            raise errors.StateError(f"journal unusable: {self._broken}; reopen the directory "
+                                    "to recover the last durable state")
+
+    def commit(self) -> int:
+        """Make every write so far durable; returns the epoch closed. Concurrent commits
+        share one fsync."""
+        self._usable()
+        with self._append_lock:
+            snap, delta, ticket = self._append_commit()
+        self._wait_durable(ticket)
+        self._publish(delta)
+        return snap.epoch
+
+    def _append_commit(self, keep_snapshot: bool = False):
+        snap = self.snapshot()
+        try:
+            delta = self.delta(self._last_commit, snap)
+            self._journal.append(delta.encode())
+        except BaseException:
+            snap.release()
+            raise
+        if not keep_snapshot:
+            snap.release()
+        self._last_commit = snap.epoch
+        self._appended += 1
+        return snap, delta, self._appended
+
+    def _wait_durable(self, ticket: int) -> None:
+        # Group commit: one thread fsyncs for everyone who appended before it started.
+        with self._sync_cond:
+            while self._synced < ticket:
+                if self._syncing:
+                    self._sync_cond.wait()
+                    continue
+                self._syncing = True
+                target = self._appended
+                self._sync_cond.release()
+                try:
+                    self._journal.sync()
+                except OSError as e:
+                    self._broken = f"fsync failed: {e}"
+                    raise
+                finally:
+                    self._sync_cond.acquire()
+                    self._syncing = False
+                    self._sync_cond.notify_all()
+                self._synced = max(self._synced, target)
+
+    def _publish(self, delta: Delta) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(delta)
+            except Exception:  # a replication hook must never fail a commit
+                log.exception("statecore: commit listener failed")
+
+    def add_commit_listener(self, fn: Callable[[Delta], None]) -> None:
+        """Call fn(delta) after each durable commit (used by replication)."""
+        self._listeners.append(fn)
+
+    def remove_commit_listener(self, fn: Callable[[Delta], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    @property
+    def committed_epoch(self) -> int:
+        return self._last_commit
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def checkpoint(self) -> "Future[int]":
+        """Commit, then write a full checkpoint of that epoch in the background while
+        writers and commits go on. The Future gives the checkpoint's epoch once it, and the
+        manifest naming it, are durable; the journal before the oldest kept checkpoint is
+        then deleted."""
+        self._usable()
+        with self._append_lock:
+            # The checkpoint is exactly this commit's state: its snapshot stays alive for
+            # the background save, and the next segment starts at its epoch.
+            snap, delta, ticket = self._append_commit(keep_snapshot=True)
+            try:
+                self._wait_durable(ticket)
+                self._rotate(snap.epoch)
+            except BaseException:
+                snap.release()
+                raise
+        self._publish(delta)
+        fut = self._checkpointer.submit(self._write_checkpoint, snap)
+        self._pending = [f for f in self._pending if not f.done()] + [fut]
+        return fut
+
+    def _rotate(self, epoch: int) -> None:
+        """New records go to a segment starting at `epoch`; the manifest lists it before
+        any record lands there."""
+        self.manifest.segments.append(epoch)
+        self._write_manifest_now()
+        old = self._journal
+        self._journal = JournalWriter(os.path.join(self.directory, segment_name(epoch)))
+        fsync_directory(self._journal.path)
+        old.close()
+
+    def _write_checkpoint(self, snap: Any) -> int:
+        try:
+            path = os.path.join(self.directory, checkpoint_name(snap.epoch))
+            snap.save(path)
+        finally:
+            snap.release()
+        with self._append_lock:
+            self.manifest.checkpoints.append(snap.epoch)
+            dropped_ckpts = self.manifest.checkpoints[:-self.keep_checkpoints]
+            self.manifest.checkpoints = self.manifest.checkpoints[-self.keep_checkpoints:]
+            # Until `keep` checkpoints exist, the empty state plus the whole journal is the
+            # fallback, so the journal is only trimmed once the list is full.
+            oldest = self.manifest.checkpoints[0]
+            if len(self.manifest.checkpoints) < self.keep_checkpoints:
+                oldest = 0
+            dropped_segs = [s for s in self.manifest.segments if s < oldest]
+            self.manifest.segments = [s for s in self.manifest.segments if s >= oldest]
+            self._write_manifest_now()
+        for e in dropped_ckpts:
+            _unlink_quietly(os.path.join(self.directory, checkpoint_name(e)))
+        for s in dropped_segs:
+            _unlink_quietly(os.path.join(self.directory, segment_name(s)))
+        self._begin_write()
+        try:
+            self._clear_dirty(snap.epoch)
+        finally:
+            self._write_lock.release()
+        log.info("statecore: checkpoint at epoch %d durable", snap.epoch)
+        return snap.epoch
+
+    # ---- closing ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Commit what was written, finish running checkpoints, and close."""
+        if self.closed:
+            return
+        try:
+            if not self._broken:
+                self.commit()
+            for fut in self._pending:
+                fut.exception()  # wait; a failed checkpoint leaves the journal in charge
+        finally:
+            self._checkpointer.shutdown(wait=True)
+            self._journal.close()
+            Store.close(self)
+            os.close(self._lock_fd)
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<DurableStore closed>"
+        return (f"<DurableStore {self.directory!r} size={self.size} page_size={self.page_size} "
+                f"epoch={self.epoch} committed={self._last_commit}>")
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

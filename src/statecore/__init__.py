@@ -12,12 +12,15 @@ from .delta import Delta
 from .replay import ReplayStats, replay
 from .durable import DurableStore
 from .recovery import RecoveryReport
+from .replication import Follower, Primary
+from .wire import AuthenticationError, PeerError, ProtocolError
 from ._core import page_checksum
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Store", "DurableStore", "RecoveryReport", "SchemaMismatch", "StateArray", "Snapshot", "Delta", "ReplayStats", "replay", "page_checksum",
+    "Store", "DurableStore", "RecoveryReport", "Primary", "Follower", "ProtocolError",
+    "AuthenticationError", "PeerError", "SchemaMismatch", "StateArray", "Snapshot", "Delta", "ReplayStats", "replay", "page_checksum",
     "StateError", "StoreClosed", "StoreForked", "StoreLocked", "StoreMismatch",
     "UnsupportedFormat", "CorruptData", "CorruptDelta", "CorruptCheckpoint", "CorruptStore",
     "EpochGap", "IncompatibleDelta", "SnapshotReleased",

@@ -1,7 +1,7 @@
 """The commit journal: append-only segments of framed, checksummed delta records.
 
 Record frame (little-endian, 32 bytes, then the encoded delta):
-  magic b"SCJR" | format version u16 | reserved u16 | payload length u64 |
+  magic b"SCJR" | format version u16 | flags u16 | payload length u64 |
   payload checksum u64 | frame checksum u64 (over the 24 bytes before it)
 The payload checksum covers the delta's header and index; the index holds a checksum
 of every page, so the record is covered end to end without hashing the pages twice."""
@@ -20,6 +20,7 @@ MAGIC = b"SCJR"
 FORMAT_VERSION = 1
 FRAME = struct.Struct("<4sHHQQQ")
 FRAME_SIZE = FRAME.size  # 32
+FLAG_REPLICATED = 1  # the record is a primary's delta applied by a follower
 
 
 def _digest_prefix(delta_bytes: memoryview) -> int:
@@ -29,8 +30,9 @@ def _digest_prefix(delta_bytes: memoryview) -> int:
     return _core.page_checksum(delta_bytes[:end])
 
 
-def frame(delta_bytes: memoryview) -> bytes:
-    head = FRAME.pack(MAGIC, FORMAT_VERSION, 0, len(delta_bytes), _digest_prefix(delta_bytes), 0)
+def frame(delta_bytes: memoryview, flags: int = 0) -> bytes:
+    head = FRAME.pack(MAGIC, FORMAT_VERSION, flags, len(delta_bytes),
+                      _digest_prefix(delta_bytes), 0)
     return head[:24] + struct.pack("<Q", _core.page_checksum(head[:24]))
 
 
@@ -54,10 +56,10 @@ class JournalWriter:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.size = os.fstat(self.fd).st_size
 
-    def append(self, delta_bytes: memoryview) -> int:
+    def append(self, delta_bytes: memoryview, flags: int = 0) -> int:
         """Write one record (header + the delta buffer itself, no copy). On failure the
         segment is cut back so a half-written record never precedes later ones."""
-        head = frame(delta_bytes)
+        head = frame(delta_bytes, flags)
         total = len(head) + len(delta_bytes)
         start = self.size
         try:
@@ -93,37 +95,41 @@ def _map(path: str) -> Optional[mmap.mmap]:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def read_segment(path: str) -> Tuple[List[Delta], Optional[Damage], Optional[mmap.mmap]]:
+Record = Tuple[Delta, int]  # (delta, flags)
+
+
+def read_segment(path: str) -> Tuple[List[Record], Optional[Damage], Optional[mmap.mmap]]:
     """Every whole, valid record of a segment, in order, decoded without copies (the
     deltas point into the returned mapping); reading stops at the first bad record."""
     mm = _map(path)
     if mm is None:
         return [], None, None
     buf = memoryview(mm)
-    deltas: List[Delta] = []
+    records: List[Record] = []
     damage = None
     for item in _records(buf):
         if isinstance(item, Damage):
             damage = item
             break
-        deltas.append(item)
-    return deltas, damage, mm
+        records.append(item)
+    return records, damage, mm
 
 
-def _records(buf: memoryview) -> Iterator["Delta | Damage"]:
+def _records(buf: memoryview) -> Iterator["Record | Damage"]:
     pos, end = 0, len(buf)
     while pos < end:
         bad = _check_frame(buf, pos)
         if bad:
             yield Damage(pos, bad, end - pos)
             return
-        length = struct.unpack_from("<Q", buf, pos + 8)[0]
+        flags, length = struct.unpack_from("<HQ", buf, pos + 6)
         body = buf[pos + FRAME_SIZE:pos + FRAME_SIZE + length]
         try:
-            yield Delta.decode(body, copy=False)
+            delta = Delta.decode(body, copy=False)
         except errors.StateError as e:
             yield Damage(pos, f"record does not decode: {e}", end - pos)
             return
+        yield delta, flags
         pos += FRAME_SIZE + length
 
 

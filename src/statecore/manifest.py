@@ -10,7 +10,7 @@ import os
 import re
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import Dict, List
 
 from . import _core, errors
 from .checkpoint import fsync_directory
@@ -34,6 +34,8 @@ class Manifest:
     schema_version: int = 0
     checkpoints: List[int] = field(default_factory=list)  # epochs, oldest first
     segments: List[int] = field(default_factory=list)     # start epochs, oldest first
+    # For a follower's store: the primary epoch each checkpoint holds (key: str(epoch)).
+    replica_epochs: Dict[str, int] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def encode(self) -> bytes:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 from . import errors
 from .checkpoint import read_checkpoint, restore_into
 from .delta import Delta
-from .journal import Damage, read_segment, segment_name
+from .journal import FLAG_REPLICATED, Damage, read_segment, segment_name
 from .manifest import Manifest, checkpoint_name
 from .replay import replay
 
@@ -41,6 +41,7 @@ class RecoveryReport:
     pages_replayed: int = 0
     journal_bytes: int = 0
     committed_epoch: int = 0   # newest committed epoch whose state was recovered
+    replica_epoch: int = 0     # newest primary epoch applied, for a follower's store
     seconds: float = 0.0
     discarded: List[Discarded] = field(default_factory=list)
     repairs: List[str] = field(default_factory=list)
@@ -78,6 +79,7 @@ def _load_newest_checkpoint(store: "Store", directory: str, manifest: Manifest,
             continue
         restore_into(store, view)
         report.checkpoint_epoch = epoch
+        report.replica_epoch = manifest.replica_epochs.get(str(epoch), 0)
         report.checkpoint_file = os.path.basename(path)
         report.checkpoint_bytes = view.total_bytes
         return epoch
@@ -112,7 +114,7 @@ def _collect(directory: str, starts: List[int], base: int, report: RecoveryRepor
         records, damage, mm = read_segment(path)
         if mm is not None:
             maps.append(mm)
-        for pos, d in enumerate(records):
+        for d, flags in records:
             if d.target_epoch <= reached:
                 continue  # already in the checkpoint
             if d.base_epoch > reached:
@@ -121,6 +123,8 @@ def _collect(directory: str, starts: List[int], base: int, report: RecoveryRepor
                                                    0), False)
             deltas.append(d)
             reached = d.target_epoch
+            if flags & FLAG_REPLICATED:
+                report.replica_epoch = max(report.replica_epoch, d.target_epoch)
             report.journal_bytes += d.nbytes
         if damage is not None:
             return deltas, maps, (name, damage, i == len(starts) - 1)

@@ -1,0 +1,501 @@
+"""Replication: a Primary serves its store's deltas to Followers over sockets.
+
+The primary never queues deltas per follower. It holds one published snapshot (the last
+commit, or the last publish() of a plain Store); each follower's sender computes the delta
+from what that follower has to the published snapshot when it is ready to send. A slow
+follower therefore gets one coalesced delta (union of pages, newest content) when it
+catches up, its backlog is bounded by the state size, and it blocks nobody: writers only
+swap the published snapshot, and each follower has its own thread.
+
+Handshake (control frames are JSON):
+  F->P HELLO {nonce}                      P->F CHALLENGE {nonce, auth}
+  F->P AUTH {mac, page_size, size, uuid, epoch, fresh}
+  P->F WELCOME {mac, uuid, mode: "deltas"|"full", since}   or ERROR {message}
+  then P->F DELTA frames (encoded deltas), F->P ACK {epoch}, PING both ways when idle.
+With a secret, each side proves it with HMAC-SHA256 over both nonces before any state flows.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl as _ssl
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from . import errors, wire
+from .delta import Delta
+from .snapshot import Snapshot
+from .store import Store
+
+log = logging.getLogger("statecore")
+
+PING_INTERVAL = 1.0
+HANDSHAKE_TIMEOUT = 10.0
+
+Secret = Union[str, bytes, None]
+
+
+def _secret_bytes(secret: Secret) -> Optional[bytes]:
+    if secret is None:
+        return None
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not isinstance(secret, (bytes, bytearray)) or not secret:
+        raise TypeError("secret must be a non-empty str or bytes, or None")
+    return bytes(secret)
+
+
+def _is_fresh(store: Store) -> bool:
+    s = store.stats()
+    return store.epoch == 1 and s["pages_written"] == 0 and s["pages_applied"] == 0
+
+
+class _Publication:
+    """The snapshot followers are brought to, and the commit delta that led to it."""
+
+    def __init__(self, snap: Snapshot, delta: Optional[Delta]) -> None:
+        snap._retain()  # owned until replaced; senders hold it while they read it
+        self.snap = snap
+        self.delta = delta
+        self.epoch = snap.epoch
+
+    def drop(self) -> None:
+        self.snap.release()
+
+
+class Primary:
+    """Serves followers in background threads. Deltas are published at each commit of a
+    DurableStore, or by publish() for a plain Store."""
+
+    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0,
+                 secret: Secret = None, ssl: Optional[_ssl.SSLContext] = None) -> None:
+        self.store = store
+        self._secret = _secret_bytes(secret)
+        self._ssl = ssl
+        self._cond = threading.Condition()
+        self._pub: Optional[_Publication] = None
+        self._sessions: List[_Session] = []
+        self._closed = False
+        self._limit = wire.delta_frame_limit(store.size, store.page_size)
+        self._sock = socket.create_server((host, port))
+        self.address: Tuple[str, int] = self._sock.getsockname()[:2]
+        from .durable import DurableStore
+        if isinstance(store, DurableStore):
+            store.add_commit_listener(self._on_commit)
+            store.commit()  # publishes the committed state
+        else:
+            self.publish()
+        self._acceptor = threading.Thread(target=self._accept_loop, name="statecore-primary",
+                                          daemon=True)
+        self._acceptor.start()
+        log.info("statecore: primary serving %s:%d", *self.address)
+
+    # ---- publication --------------------------------------------------------------------
+    def publish(self) -> int:
+        """Snapshot a plain Store now and stream it to followers; returns its epoch."""
+        with self.store.snapshot() as snap:
+            self._publish(snap, None)
+        return snap.epoch
+
+    def _on_commit(self, delta: Delta, snap: Snapshot) -> None:
+        self._publish(snap, delta)
+
+    def _publish(self, snap: Snapshot, delta: Optional[Delta]) -> None:
+        pub = _Publication(snap, delta)
+        with self._cond:
+            old, self._pub = self._pub, pub
+            self._cond.notify_all()
+        if old is not None:
+            old.drop()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch followers are being brought to."""
+        pub = self._pub
+        return pub.epoch if pub else 0
+
+    @property
+    def followers(self) -> List[Dict[str, Any]]:
+        """Each follower: address, state, acknowledged epoch, lag in epochs and bytes."""
+        return [s.status() for s in list(self._sessions)]
+
+    # ---- serving ----------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, addr = self._sock.accept()
+            except OSError:
+                return
+            session = _Session(self, conn, addr)
+            with self._cond:
+                self._sessions = [s for s in self._sessions if s.is_alive()] + [session]
+            session.start()
+
+    def close(self) -> None:
+        """Stop serving and disconnect every follower."""
+        if self._closed:
+            return
+        self._closed = True
+        from .durable import DurableStore
+        if isinstance(self.store, DurableStore):
+            self.store.remove_commit_listener(self._on_commit)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        with self._cond:
+            self._cond.notify_all()
+            sessions = list(self._sessions)
+        for s in sessions:
+            s.stop()
+        for s in sessions:
+            s.join(timeout=5)
+        if self._pub is not None:
+            self._pub.drop()
+            self._pub = None
+
+    def __enter__(self) -> "Primary":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Session(threading.Thread):
+    """One follower connection on the primary: handshake, then a send loop (this thread)
+    and an acknowledgement reader."""
+
+    def __init__(self, primary: Primary, conn: socket.socket, addr: Any) -> None:
+        super().__init__(name=f"statecore-session-{addr}", daemon=True)
+        self.primary = primary
+        self.conn = conn
+        self.addr = addr
+        self.state = "handshake"
+        self.sent = 0
+        self.acked = 0
+        self.bytes_sent = 0
+        self.bytes_acked = 0
+        self._sent_log: List[Tuple[int, int]] = []  # (epoch, cumulative bytes) awaiting ack
+        self._halt = threading.Event()
+        self.error: Optional[str] = None
+
+    def status(self) -> Dict[str, Any]:
+        target = self.primary.epoch
+        return {"address": self.addr, "state": self.state, "acked_epoch": self.acked,
+                "sent_epoch": self.sent, "lag_epochs": max(0, target - self.acked),
+                "lag_bytes": self.bytes_sent - self.bytes_acked, "bytes_sent": self.bytes_sent,
+                "error": self.error}
+
+    def stop(self) -> None:
+        self._halt.set()
+        try:
+            self.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        try:
+            if self.primary._ssl is not None:
+                self.conn = self.primary._ssl.wrap_socket(self.conn, server_side=True)
+            self.conn.settimeout(HANDSHAKE_TIMEOUT)
+            self._handshake()
+            self.conn.settimeout(None)
+            self.state = "streaming"
+            threading.Thread(target=self._read_acks, daemon=True,
+                             name=f"statecore-acks-{self.addr}").start()
+            self._send_loop()
+        except (OSError, errors.StateError, ValueError) as e:
+            if not self._halt.is_set():
+                self.error = str(e)
+                level = logging.WARNING if isinstance(e, errors.StateError) else logging.INFO
+                log.log(level, "statecore: follower %s: %s", self.addr, e)
+        finally:
+            self.state = "closed"
+            try:
+                self.conn.close()
+            except OSError:
+                pass
+
+    def _refuse(self, message: str) -> None:
+        wire.send_error(self.conn, message)
+        raise wire.ProtocolError(message)
+
+    def _handshake(self) -> None:
+        p, store = self.primary, self.primary.store
+        hello = wire.recv_json(self.conn, wire.HELLO)
+        f_nonce = _nonce_of(hello)
+        p_nonce = os.urandom(16)
+        wire.send_json(self.conn, wire.CHALLENGE, {"nonce": p_nonce.hex(),
+                                                   "auth": p._secret is not None})
+        auth = wire.recv_json(self.conn, wire.AUTH)
+        if p._secret is not None and not wire.check_mac(p._secret, b"F", p_nonce, f_nonce,
+                                                        auth.get("mac")):
+            wire.send_error(self.conn, "authentication failed", "auth")
+            raise wire.AuthenticationError(f"follower {self.addr} failed authentication")
+        if auth.get("page_size") != store.page_size or auth.get("size") != store.size:
+            self._refuse(f"store geometry differs: primary has size {store.size} and page_size "
+                         f"{store.page_size}")
+        since = auth.get("epoch")
+        if not isinstance(since, int) or since < 0:
+            self._refuse("invalid epoch in AUTH")
+        if auth.get("uuid") == store.uuid.hex() and not auth.get("fresh"):
+            mode = "deltas"
+            if since > p.epoch:
+                self._refuse(f"follower is at epoch {since}, ahead of the primary ({p.epoch}): "
+                             "it follows a different history")
+        elif auth.get("fresh"):
+            mode, since = "full", 0
+        else:
+            self._refuse("follower holds another store (identity differs); start it from an "
+                         "empty store to take a full sync")
+        wire.send_json(self.conn, wire.WELCOME, {
+            "mac": wire.mac(p._secret, b"P", f_nonce, p_nonce), "uuid": store.uuid.hex(),
+            "mode": mode, "since": since, "epoch": p.epoch})
+        self.sent = self.acked = since
+        self.state = "syncing" if mode == "full" else "streaming"
+
+    def _send_loop(self) -> None:
+        p = self.primary
+        while not self._halt.is_set() and not p._closed:
+            with p._cond:
+                if p._pub is None or p._pub.epoch <= self.sent:
+                    p._cond.wait(timeout=PING_INTERVAL)
+                pub = p._pub
+            if self._halt.is_set() or p._closed:
+                return
+            if pub is None or pub.epoch <= self.sent:
+                wire.send_json(self.conn, wire.PING, {"epoch": self.sent})
+                continue
+            delta = self._delta_to(pub)
+            if delta is None:
+                continue
+            n = wire.send_frame(self.conn, wire.DELTA, delta.encode())
+            self.bytes_sent += n
+            self._sent_log.append((delta.target_epoch, self.bytes_sent))
+            self.sent = delta.target_epoch
+
+    def _delta_to(self, pub: _Publication) -> Optional[Delta]:
+        try:
+            pub.snap._acquire()
+        except errors.SnapshotReleased:
+            return None  # replaced meanwhile; the loop picks up the newer one
+        try:
+            if pub.delta is not None and pub.delta.base_epoch == self.sent:
+                return pub.delta  # the commit's own buffer: no extra work, no copy
+            return self.primary.store.delta(self.sent, pub.snap)
+        finally:
+            pub.snap._done()
+
+    def _read_acks(self) -> None:
+        try:
+            while not self._halt.is_set():
+                ftype, body = wire.recv_frame(self.conn, wire.CONTROL_LIMIT)
+                if ftype == wire.ACK:
+                    epoch = wire._parse_json(body).get("epoch")
+                    if isinstance(epoch, int) and epoch >= self.acked:
+                        self._acknowledge(epoch)
+                elif ftype != wire.PING:
+                    raise wire.ProtocolError(f"unexpected {wire.NAMES[ftype]} from follower")
+        except (OSError, errors.StateError) as e:
+            if not self._halt.is_set():
+                log.info("statecore: follower %s disconnected: %s", self.addr, e)
+            self.stop()
+
+    def _acknowledge(self, epoch: int) -> None:
+        self.acked = epoch
+        while self._sent_log and self._sent_log[0][0] <= epoch:
+            self.bytes_acked = self._sent_log.pop(0)[1]
+
+
+def _nonce_of(msg: Dict[str, Any]) -> bytes:
+    try:
+        nonce = bytes.fromhex(msg.get("nonce", ""))
+    except (TypeError, ValueError):
+        raise wire.ProtocolError("invalid nonce") from None
+    if len(nonce) != 16:
+        raise wire.ProtocolError("invalid nonce")
+    return nonce
+
+
+class Follower:
+    """Keeps `store` equal to the primary's at `address`: connects, says what it has,
+    applies the deltas it receives and acknowledges them; reconnects after a dropped
+    connection and resumes from what it applied. A follower on a DurableStore journals what
+    it applies, so it also resumes from its own state after a restart."""
+
+    def __init__(self, store: Store, address: Tuple[str, int], secret: Secret = None,
+                 ssl: Optional[_ssl.SSLContext] = None, *, reconnect: bool = True,
+                 server_hostname: Optional[str] = None) -> None:
+        self.store = store
+        self.address = (address[0], int(address[1]))
+        self._secret = _secret_bytes(secret)
+        self._ssl = ssl
+        self._hostname = server_hostname or address[0]
+        self._reconnect = reconnect
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._sock: Optional[socket.socket] = None
+        self.error: Optional[BaseException] = None
+        self.state = "connecting"
+        self.connects = 0
+        self.bytes_received = 0
+        self.deltas_applied = 0
+        self._epoch = _resume_epoch(store)
+        self._thread = threading.Thread(target=self._run, name="statecore-follower", daemon=True)
+        self._thread.start()
+
+    @property
+    def epoch(self) -> int:
+        """The last primary epoch whose delta this follower applied."""
+        return self._epoch
+
+    def wait_for(self, epoch: int, timeout: Optional[float] = None) -> bool:
+        """Block until the follower has applied `epoch`. Raises TimeoutError after
+        `timeout` seconds, or the error that stopped the follower."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._epoch < epoch:
+                if self.error is not None and not self._thread.is_alive():
+                    raise self.error
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"follower at epoch {self._epoch}, waited for {epoch}")
+                self._cond.wait(timeout=0.1 if left is None else min(left, 0.1))
+        return True
+
+    def status(self) -> Dict[str, Any]:
+        return {"state": self.state, "epoch": self._epoch, "connects": self.connects,
+                "bytes_received": self.bytes_received, "deltas_applied": self.deltas_applied,
+                "error": None if self.error is None else str(self.error)}
+
+    def close(self) -> None:
+        self._stop.set()
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._thread.join(timeout=10)
+        self.state = "closed"
+
+    def __enter__(self) -> "Follower":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- the connection loop ---------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                self._session()
+                backoff = 0.05
+            except (wire.AuthenticationError, wire.PeerError, errors.IncompatibleDelta,
+                    errors.EpochGap) as e:
+                # Refusals and broken lineage do not heal by retrying.
+                self._fail(e)
+                return
+            except (OSError, errors.StateError, ValueError) as e:
+                if self._stop.is_set():
+                    return
+                self.error = e
+                log.info("statecore: follower connection to %s:%d lost: %s", *self.address, e)
+                if not self._reconnect:
+                    self._fail(e)
+                    return
+            self.state = "reconnecting"
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _fail(self, e: BaseException) -> None:
+        self.error = e
+        self.state = "failed"
+        log.warning("statecore: follower of %s:%d stopped: %s", *self.address, e)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _session(self) -> None:
+        sock = socket.create_connection(self.address, timeout=HANDSHAKE_TIMEOUT)
+        if self._ssl is not None:
+            sock = self._ssl.wrap_socket(sock, server_hostname=self._hostname)
+        self._sock = sock
+        try:
+            if self._stop.is_set():
+                return
+            self.connects += 1
+            limit = wire.delta_frame_limit(self.store.size, self.store.page_size)
+            self._handshake(sock)
+            sock.settimeout(PING_INTERVAL * 5)  # the primary pings when idle
+            self.state = "streaming"
+            self.error = None
+            while not self._stop.is_set():
+                ftype, body = wire.recv_frame(sock, limit)
+                if ftype == wire.DELTA:
+                    self._apply(body, sock)
+                elif ftype == wire.ERROR:
+                    raise wire.peer_error(wire._parse_json(body))
+                elif ftype != wire.PING:
+                    raise wire.ProtocolError(f"unexpected {wire.NAMES[ftype]} from primary")
+        finally:
+            self._sock = None
+            sock.close()
+
+    def _handshake(self, sock: socket.socket) -> None:
+        store = self.store
+        f_nonce = os.urandom(16)
+        wire.send_json(sock, wire.HELLO, {"nonce": f_nonce.hex()})
+        challenge = wire.recv_json(sock, wire.CHALLENGE)
+        p_nonce = _nonce_of(challenge)
+        if challenge.get("auth") and self._secret is None:
+            raise wire.AuthenticationError("primary requires a secret and none was given")
+        fresh = _is_fresh(store)
+        wire.send_json(sock, wire.AUTH, {
+            "mac": wire.mac(self._secret, b"F", p_nonce, f_nonce), "page_size": store.page_size,
+            "size": store.size, "uuid": store.uuid.hex(), "epoch": self._epoch, "fresh": fresh})
+        welcome = wire.recv_json(sock, wire.WELCOME)
+        if self._secret is not None and not wire.check_mac(self._secret, b"P", f_nonce,
+                                                           p_nonce, welcome.get("mac")):
+            raise wire.AuthenticationError("primary failed to prove the shared secret")
+        if welcome.get("mode") == "full":
+            self.state = "syncing"
+            _adopt_identity(store, bytes.fromhex(welcome["uuid"]))
+
+    def _apply(self, body: bytearray, sock: socket.socket) -> None:
+        delta = Delta.decode(body, copy=False)
+        self.bytes_received += len(body) + wire.HEADER_SIZE
+        _apply_replicated(self.store, delta)
+        self.deltas_applied += 1
+        with self._cond:
+            self._epoch = max(self._epoch, delta.target_epoch)
+            self._cond.notify_all()
+        self.store._replica_epoch = self._epoch
+        wire.send_json(sock, wire.ACK, {"epoch": self._epoch})
+
+
+def _resume_epoch(store: Store) -> int:
+    """The newest primary epoch whose state `store` holds. A store that followed before
+    remembers it; otherwise (new, or restored from the primary's checkpoint) it is the
+    last closed epoch."""
+    known = getattr(store, "_replica_epoch", 0)
+    return int(known) if known else store.epoch - 1
+
+
+def _adopt_identity(store: Store, uuid: bytes) -> None:
+    adopt = getattr(store, "adopt_identity", None)
+    if adopt is not None:
+        adopt(uuid)
+    else:
+        store._set_uuid(uuid)
+
+
+def _apply_replicated(store: Store, delta: Delta) -> None:
+    apply_durable = getattr(store, "apply_replicated", None)
+    if apply_durable is not None:
+        apply_durable(delta)
+    else:
+        store.apply(delta)

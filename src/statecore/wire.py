@@ -1,0 +1,164 @@
+"""The replication wire protocol: versioned, length-prefixed, checksummed frames.
+
+Frame header (24 bytes, little-endian):
+  magic b"SCW1" | protocol version u16 | frame type u16 | body length u64 |
+  checksum u64 = murmur3 of (the first 16 header bytes + the body's digest part)
+The digest part is the whole body for control frames (small JSON) and the delta's header
+and index for DELTA frames: the index carries a checksum of every page, and the receiver
+decodes (fully validates) every delta before applying it."""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import _core, errors
+
+MAGIC = b"SCW1"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<4sHHQQ")
+HEADER_SIZE = HEADER.size  # 24
+CONTROL_LIMIT = 64 << 10   # control frames (JSON) are small; a peer cannot make us allocate more
+
+HELLO, CHALLENGE, AUTH, WELCOME, DELTA, ACK, PING, ERROR = range(1, 9)
+NAMES = {HELLO: "HELLO", CHALLENGE: "CHALLENGE", AUTH: "AUTH", WELCOME: "WELCOME",
+         DELTA: "DELTA", ACK: "ACK", PING: "PING", ERROR: "ERROR"}
+
+
+class ProtocolError(errors.StateError):
+    """The peer sent something that is not a valid statecore frame, or broke the protocol."""
+
+
+class AuthenticationError(ProtocolError):
+    """The peer did not prove knowledge of the shared secret."""
+
+
+class PeerError(errors.StateError):
+    """The peer refused us and said why (an ERROR frame)."""
+
+
+def _digest_part(ftype: int, body: Any) -> bytes:
+    mv = memoryview(body).cast("B")
+    if ftype != DELTA:
+        return bytes(mv)
+    n = struct.unpack_from("<Q", mv, 48)[0] if len(mv) >= 56 else 0
+    return bytes(mv[:min(len(mv), _core.HEADER_SIZE + 24 * n)])
+
+
+def frame_header(ftype: int, body: Any, version: int = PROTOCOL_VERSION) -> bytes:
+    length = memoryview(body).nbytes
+    head = struct.pack("<4sHHQ", MAGIC, version, ftype, length)
+    return head + struct.pack("<Q", _core.page_checksum(head + _digest_part(ftype, body)))
+
+
+def send_frame(sock: socket.socket, ftype: int, body: Any) -> int:
+    """Send header and body without copying the body (sendmsg where available)."""
+    parts: List[memoryview] = [memoryview(frame_header(ftype, body)),
+                               memoryview(body).cast("B")]
+    total = sum(p.nbytes for p in parts)
+    if not hasattr(sock, "sendmsg") or _is_tls(sock):
+        for p in parts:
+            sock.sendall(p)
+        return total
+    while parts:
+        sent = sock.sendmsg(parts)
+        while parts and sent >= parts[0].nbytes:
+            sent -= parts[0].nbytes
+            parts.pop(0)
+        if parts and sent:
+            parts[0] = parts[0][sent:]
+    return total
+
+
+def _is_tls(sock: socket.socket) -> bool:
+    import ssl
+    return isinstance(sock, ssl.SSLSocket)
+
+
+def send_json(sock: socket.socket, ftype: int, payload: Dict[str, Any]) -> None:
+    send_frame(sock, ftype, json.dumps(payload).encode())
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError(f"connection closed by peer ({got} of {n} bytes received)")
+        got += k
+    return buf
+
+
+def recv_frame(sock: socket.socket, limit: int) -> Tuple[int, bytearray]:
+    """One frame: (type, body). The length is checked against `limit` before any
+    allocation; the checksum before anything looks at the body."""
+    raw = _recv_exact(sock, HEADER_SIZE)
+    magic, version, ftype, length, checksum = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ProtocolError(f"not a statecore peer: bad magic {bytes(magic)!r}")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} not supported (this side speaks "
+                            f"{PROTOCOL_VERSION})")
+    if ftype not in NAMES:
+        raise ProtocolError(f"unknown frame type {ftype}")
+    cap = limit if ftype == DELTA else min(limit, CONTROL_LIMIT)
+    if length > cap:
+        raise ProtocolError(f"{NAMES[ftype]} frame of {length} bytes exceeds the limit of {cap}")
+    body = _recv_exact(sock, length)
+    if _core.page_checksum(bytes(raw[:16]) + _digest_part(ftype, body)) != checksum:
+        raise ProtocolError(f"{NAMES[ftype]} frame checksum mismatch")
+    return ftype, body
+
+
+def recv_json(sock: socket.socket, expect: int, limit: int = CONTROL_LIMIT) -> Dict[str, Any]:
+    ftype, body = recv_frame(sock, limit)
+    if ftype == ERROR:
+        raise peer_error(_parse_json(body))
+    if ftype != expect:
+        raise ProtocolError(f"expected {NAMES[expect]}, got {NAMES[ftype]}")
+    return _parse_json(body)
+
+
+def peer_error(msg: Dict[str, Any]) -> errors.StateError:
+    text = f"primary refused: {msg.get('message', 'refused')}"
+    return AuthenticationError(text) if msg.get("code") == "auth" else PeerError(text)
+
+
+def _parse_json(body: bytearray) -> Dict[str, Any]:
+    try:
+        obj = json.loads(bytes(body))
+    except ValueError as e:
+        raise ProtocolError(f"control frame is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("control frame is not a JSON object")
+    return obj
+
+
+def delta_frame_limit(size: int, page_size: int) -> int:
+    """Largest DELTA frame a store of this geometry can need: every page, plus index."""
+    n = size // page_size
+    return _core.HEADER_SIZE + n * (24 + page_size) + (1 << 20)
+
+
+def send_error(sock: socket.socket, message: str, code: str = "refused") -> None:
+    try:
+        send_json(sock, ERROR, {"message": message, "code": code})
+    except OSError:
+        pass
+
+
+def mac(secret: Optional[bytes], role: bytes, a: bytes, b: bytes) -> str:
+    """HMAC-SHA256 proof of the shared secret, bound to both nonces and the role."""
+    import hashlib
+    import hmac
+    if secret is None:
+        return ""
+    return hmac.new(secret, role + a + b, hashlib.sha256).hexdigest()
+
+
+def check_mac(secret: bytes, role: bytes, a: bytes, b: bytes, got: Any) -> bool:
+    import hmac
+    return isinstance(got, str) and hmac.compare_digest(mac(secret, role, a, b), got)

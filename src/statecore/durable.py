@@ -14,7 +14,8 @@ from . import errors
 from ._args import DEFAULT_PAGE_SIZE, as_int, check_page_size, check_size
 from .checkpoint import fsync_directory
 from .delta import Delta
-from .journal import JournalWriter, segment_name
+from .snapshot import Snapshot
+from .journal import FLAG_REPLICATED, JournalWriter, segment_name
 from .manifest import (Manifest, checkpoint_name, read_manifest, scan_directory,
                        write_manifest)
 from .recovery import Discarded, RecoveryReport, recover
@@ -67,7 +68,7 @@ class DurableStore(Store):
         self._appended = self._synced = 0
         self._syncing = False
         self._broken: Optional[str] = None
-        self._listeners: List[Callable[[Delta], None]] = []
+        self._listeners: List[Callable[[Delta, Snapshot], None]] = []
         self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statecore-ckpt")
         self._pending: List[Future] = []
         manifest, notes = self._read_or_create_manifest(size, page_size, schema_version)
@@ -83,6 +84,8 @@ class DurableStore(Store):
             log.info("statecore: %s", self.recovery)
         self._set_schema_version(manifest.schema_version)
         self._last_commit = self.epoch - 1
+        self._replica_epoch = self.recovery.replica_epoch if notes is not None else 0
+        self._writes_at_commit = self._stats()["pages_written"]
         self._journal = JournalWriter(os.path.join(self.directory, segment_name(manifest.segments[-1])))
         self._check_schema(schema_version, migrate)
 
@@ -206,12 +209,18 @@ class DurableStore(Store):
         share one fsync."""
         self._usable()
         with self._append_lock:
-            snap, delta, ticket = self._append_commit()
-        self._wait_durable(ticket)
-        self._publish(delta)
+            snap, delta, ticket = self._append_commit(keep_snapshot=bool(self._listeners))
+        try:
+            self._wait_durable(ticket)
+            self._publish(delta, snap)
+        finally:
+            snap.release()
         return snap.epoch
 
     def _append_commit(self, keep_snapshot: bool = False):
+        # Counted before the snapshot: a write racing with it makes close() commit once
+        # more than needed, never less.
+        writes = self._stats()["pages_written"]
         snap = self.snapshot()
         try:
             delta = self.delta(self._last_commit, snap)
@@ -222,6 +231,7 @@ class DurableStore(Store):
         if not keep_snapshot:
             snap.release()
         self._last_commit = snap.epoch
+        self._writes_at_commit = writes
         self._appended += 1
         return snap, delta, self._appended
 
@@ -246,24 +256,53 @@ class DurableStore(Store):
                     self._sync_cond.notify_all()
                 self._synced = max(self._synced, target)
 
-    def _publish(self, delta: Delta) -> None:
+    def _publish(self, delta: Delta, snap: Snapshot) -> None:
         for listener in list(self._listeners):
             try:
-                listener(delta)
+                listener(delta, snap)
             except Exception:  # a replication hook must never fail a commit
                 log.exception("statecore: commit listener failed")
 
-    def add_commit_listener(self, fn: Callable[[Delta], None]) -> None:
-        """Call fn(delta) after each durable commit (used by replication)."""
+    def add_commit_listener(self, fn: Callable[[Delta, Snapshot], None]) -> None:
+        """Call fn(delta, snapshot) after each durable commit (used by replication). The
+        snapshot is live during the call; to keep it, take ownership with snapshot._retain()."""
         self._listeners.append(fn)
 
-    def remove_commit_listener(self, fn: Callable[[Delta], None]) -> None:
+    def remove_commit_listener(self, fn: Callable[[Delta, Snapshot], None]) -> None:
         if fn in self._listeners:
             self._listeners.remove(fn)
 
     @property
     def committed_epoch(self) -> int:
         return self._last_commit
+
+    # ---- replication -------------------------------------------------------------------
+    @property
+    def replica_epoch(self) -> int:
+        """For a follower's store: the newest primary epoch it holds (0: not a replica)."""
+        return self._replica_epoch
+
+    def apply_replicated(self, delta: Delta) -> int:
+        """Apply a primary's delta and journal it verbatim (durable when this returns), so a
+        restarted follower resumes from the primary epoch it reached."""
+        self._usable()
+        with self._append_lock:
+            written = self.apply(delta)
+            self._journal.append(delta.encode(), FLAG_REPLICATED)
+            self._last_commit = max(self._last_commit, delta.target_epoch)
+            self._writes_at_commit = self._stats()["pages_written"]
+            self._appended += 1
+            ticket = self._appended
+        self._wait_durable(ticket)
+        self._replica_epoch = max(self._replica_epoch, delta.target_epoch)
+        return written
+
+    def adopt_identity(self, uuid: bytes) -> None:
+        """Take a primary's identity before a full sync (a fresh follower only)."""
+        with self._append_lock:
+            self._set_uuid(uuid)
+            self.manifest.uuid = uuid.hex()
+            self._write_manifest_now()
 
     # ---- checkpoints ----------------------------------------------------------------------
     def checkpoint(self) -> "Future[int]":
@@ -282,8 +321,8 @@ class DurableStore(Store):
             except BaseException:
                 snap.release()
                 raise
-        self._publish(delta)
-        fut = self._checkpointer.submit(self._write_checkpoint, snap)
+        self._publish(delta, snap)
+        fut = self._checkpointer.submit(self._write_checkpoint, snap, self._replica_epoch)
         self._pending = [f for f in self._pending if not f.done()] + [fut]
         return fut
 
@@ -297,7 +336,7 @@ class DurableStore(Store):
         fsync_directory(self._journal.path)
         old.close()
 
-    def _write_checkpoint(self, snap: Any) -> int:
+    def _write_checkpoint(self, snap: Any, replica_epoch: int) -> int:
         try:
             path = os.path.join(self.directory, checkpoint_name(snap.epoch))
             snap.save(path)
@@ -305,6 +344,8 @@ class DurableStore(Store):
             snap.release()
         with self._append_lock:
             self.manifest.checkpoints.append(snap.epoch)
+            if replica_epoch:
+                self.manifest.replica_epochs[str(snap.epoch)] = replica_epoch
             dropped_ckpts = self.manifest.checkpoints[:-self.keep_checkpoints]
             self.manifest.checkpoints = self.manifest.checkpoints[-self.keep_checkpoints:]
             # Until `keep` checkpoints exist, the empty state plus the whole journal is the
@@ -314,6 +355,9 @@ class DurableStore(Store):
                 oldest = 0
             dropped_segs = [s for s in self.manifest.segments if s < oldest]
             self.manifest.segments = [s for s in self.manifest.segments if s >= oldest]
+            kept = {str(e) for e in self.manifest.checkpoints}
+            self.manifest.replica_epochs = {k: v for k, v in self.manifest.replica_epochs.items()
+                                            if k in kept}
             self._write_manifest_now()
         for e in dropped_ckpts:
             _unlink_quietly(os.path.join(self.directory, checkpoint_name(e)))
@@ -333,7 +377,7 @@ class DurableStore(Store):
         if self.closed:
             return
         try:
-            if not self._broken:
+            if not self._broken and self._stats()["pages_written"] != self._writes_at_commit:
                 self.commit()
             for fut in self._pending:
                 fut.exception()  # wait; a failed checkpoint leaves the journal in charge

@@ -35,7 +35,8 @@ class Snapshot:
         self._store: Optional["Store"] = store
         self.epoch = epoch
         self._lock = threading.Lock()
-        self._users = 0
+        self._users = 0   # calls reading it right now (a release waits for them)
+        self._refs = 1    # owners; the last owner's release() frees it
         self._release_wanted = False
         self._released = False
 
@@ -67,10 +68,21 @@ class Snapshot:
         with self._lock:
             if self._released or self._release_wanted:
                 return
+            self._refs -= 1
+            if self._refs:
+                return  # another owner still holds it
             self._release_wanted = True
             if self._users:
                 return  # the last user releases
         self._do_release()
+
+    def _retain(self) -> "Snapshot":
+        """Add an owner (internal: replication keeps a commit's snapshot this way)."""
+        with self._lock:
+            if self._released or self._release_wanted:
+                raise errors.SnapshotReleased(f"snapshot at epoch {self.epoch} was released")
+            self._refs += 1
+        return self
 
     def _do_release(self) -> None:
         store = self._store

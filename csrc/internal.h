@@ -16,8 +16,20 @@ typedef struct sc_preserved {
     uint64_t page;
     uint64_t version;
     uint64_t until;
-    uint8_t data[];
+    uint8_t *data;                     /* a slot of the store's page pool */
 } sc_preserved;
+
+typedef struct sc_chunk sc_chunk;
+
+/* Page-sized slots for preserved copies (pool.c). */
+typedef struct sc_pool {
+    uint32_t page_size;
+    uint32_t slots_per_chunk;
+    uint64_t chunk_size;
+    uint64_t chunks;
+    sc_chunk *partial;   /* chunks with a free slot */
+    sc_chunk *spare;     /* one empty chunk kept to avoid map/unmap churn */
+} sc_pool;
 
 typedef struct sc_snap {
     uint64_t epoch;
@@ -71,6 +83,7 @@ struct sc_store {
     uint64_t cap_snaps;
     uint64_t newest_snap;        /* 0 when none */
     sc_preserved *_Atomic *preserved; /* per-page chain heads; allocated on first snapshot */
+    sc_pool pool;
 
     _Atomic uint64_t preserved_pages;
     _Atomic uint64_t pages_written;
@@ -82,6 +95,12 @@ struct sc_store {
 /* store.c */
 sc_status sc__prepare_page(sc_store *s, uint64_t page, uint64_t new_version);
 void sc__persist_header(sc_store *s);
+
+/* pool.c */
+void sc__pool_init(sc_pool *p, uint32_t page_size);
+void *sc__pool_alloc(sc_pool *p);
+void sc__pool_free(sc_pool *p, void *slot);
+void sc__pool_destroy(sc_pool *p);
 
 /* snapshot.c */
 sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t until);

@@ -60,8 +60,10 @@ sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out) {
 }
 
 sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t until) {
-    sc_preserved *node = malloc(sizeof *node + s->page_size);
+    sc_preserved *node = malloc(sizeof *node);
     if (!node) return SC_ENOMEM;
+    node->data = sc__pool_alloc(&s->pool);
+    if (!node->data) { free(node); return SC_ENOMEM; }
     memcpy(node->data, s->data + (page << s->page_shift), s->page_size);
     node->page = page;
     node->version = version;
@@ -86,6 +88,7 @@ static void unlink_and_free(sc_store *s, sc_preserved *node) {
         }
         link = &cur->next_in_page;
     }
+    sc__pool_free(&s->pool, node->data);
     free(node);
     atomic_fetch_sub_explicit(&s->preserved_pages, 1, memory_order_relaxed);
 }
@@ -120,6 +123,7 @@ void sc__free_all_preserved(sc_store *s) {
         sc_preserved *n = s->snaps[i].owned;
         while (n) {
             sc_preserved *next = n->next_owned;
+            sc__pool_free(&s->pool, n->data);
             free(n);
             n = next;
         }
@@ -128,6 +132,7 @@ void sc__free_all_preserved(sc_store *s) {
     s->newest_snap = 0;
     free((void *)s->preserved);
     s->preserved = NULL;
+    sc__pool_destroy(&s->pool);
     atomic_store(&s->preserved_pages, 0);
 }
 

@@ -7,6 +7,7 @@ import os
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.pycapsule cimport PyCapsule_New
 from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
@@ -611,6 +612,12 @@ cdef class StoreCore:
         finally:
             self._leave()
         return nbytes
+
+    def _capsule(self):
+        """The sc_store pointer for sibling extension modules (statecore._kv). Valid while
+        the store is open; callers check `closed` and hold the write lock for writes."""
+        self._check()
+        return PyCapsule_New(<void *>self._s, b"statecore.sc_store", NULL)
 
     def _stats(self):
         cdef sc_stats s

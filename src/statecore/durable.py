@@ -79,12 +79,16 @@ class DurableStore(Store):
             self.recovery = RecoveryReport(fresh=True)
         else:
             self.recovery, damage = recover(self, self.directory, manifest)
+            # Newest of the manifest's, the checkpoint's and the replayed records' schema
+            # versions (_repair writes the store's back to the manifest).
+            self._set_schema_version(max(manifest.schema_version, self._schema_version()))
             self.recovery.discarded[:0] = notes
             self._repair(damage)
             log.info("statecore: %s", self.recovery)
         self._set_schema_version(manifest.schema_version)
         self._last_commit = self.epoch - 1
         self._replica_epoch = self.recovery.replica_epoch if notes is not None else 0
+        self.last_commit: Optional[dict] = None
         self._writes_at_commit = self._stats()["pages_written"]
         self._journal = JournalWriter(os.path.join(self.directory, segment_name(manifest.segments[-1])))
         self._check_schema(schema_version, migrate)
@@ -208,10 +212,13 @@ class DurableStore(Store):
         """Make every write so far durable; returns the epoch closed. Concurrent commits
         share one fsync."""
         self._usable()
+        t0 = time.perf_counter()
         with self._append_lock:
             snap, delta, ticket = self._append_commit(keep_snapshot=bool(self._listeners))
         try:
             self._wait_durable(ticket)
+            self.last_commit = {"epoch": snap.epoch, "pages": delta.n_pages,
+                                "bytes": delta.nbytes, "seconds": time.perf_counter() - t0}
             self._publish(delta, snap)
         finally:
             snap.release()

@@ -22,7 +22,7 @@ import socket
 import ssl as _ssl
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from . import errors, wire
 from .delta import Delta
@@ -328,8 +328,11 @@ class Follower:
 
     def __init__(self, store: Store, address: Tuple[str, int], secret: Secret = None,
                  ssl: Optional[_ssl.SSLContext] = None, *, reconnect: bool = True,
-                 server_hostname: Optional[str] = None) -> None:
+                 server_hostname: Optional[str] = None,
+                 on_apply: Optional[Callable[[int, int], None]] = None) -> None:
+        """on_apply(epoch, nbytes) is called in the follower's thread after each delta."""
         self.store = store
+        self._on_apply = on_apply
         self.address = (address[0], int(address[1]))
         self._secret = _secret_bytes(secret)
         self._ssl = ssl
@@ -470,11 +473,14 @@ class Follower:
         self.bytes_received += len(body) + wire.HEADER_SIZE
         _apply_replicated(self.store, delta)
         self.deltas_applied += 1
+        epoch = max(self._epoch, delta.target_epoch)
+        self.store._replica_epoch = epoch
+        if self._on_apply is not None:
+            self._on_apply(epoch, len(body))  # before waiters wake: they may read its effects
         with self._cond:
-            self._epoch = max(self._epoch, delta.target_epoch)
+            self._epoch = epoch
             self._cond.notify_all()
-        self.store._replica_epoch = self._epoch
-        wire.send_json(sock, wire.ACK, {"epoch": self._epoch})
+        wire.send_json(sock, wire.ACK, {"epoch": epoch})
 
 
 def _resume_epoch(store: Store) -> int:

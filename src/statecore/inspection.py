@@ -1,0 +1,135 @@
+"""Operator tools: describe statecore files and verify a durable directory."""
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any, Callable, Dict, List, Optional
+
+from . import _core, errors
+from .checkpoint import read_checkpoint
+from .journal import read_segment
+from .manifest import NAME as MANIFEST_NAME
+from .manifest import checkpoint_name, read_manifest, scan_directory
+from .journal import segment_name
+
+_HEADER = struct.Struct("<8sHHHHII QQQQQQ 16s Q")
+
+
+def _delta_header(head: bytes) -> Dict[str, Any]:
+    (magic, version, kind, compression, _, page_size, _, store_pages, base, target, n_pages,
+     schema, payload, uuid, _) = _HEADER.unpack_from(head)
+    return {"format_version": version, "page_size": page_size,
+            "size": store_pages * page_size, "base_epoch": base, "epoch": target,
+            "pages": n_pages, "schema_version": schema, "payload_bytes": payload,
+            "compression": {0: "none", 1: "lz4"}.get(compression, compression),
+            "store_uuid": uuid.hex()}
+
+
+def describe(path: str) -> Dict[str, Any]:
+    """Format version, page size, epochs, sizes and schema version of any statecore path."""
+    if os.path.isdir(path):
+        return _describe_directory(path)
+    with open(path, "rb") as f:
+        head = f.read(_core.HEADER_SIZE)
+    size = os.path.getsize(path)
+    magic = head[:8]
+    if magic in (b"SCCKPT01", b"SCDELTA1") and len(head) == _core.HEADER_SIZE:
+        kind = "checkpoint" if magic == b"SCCKPT01" else "delta"
+        return {"kind": kind, "file_bytes": size, **_delta_header(head)}
+    if magic == b"SCSTORE1":
+        version, page_size, store_size, epoch, schema = struct.unpack_from("<IIQQQ", head, 8)
+        return {"kind": "store file", "format_version": version, "page_size": page_size,
+                "size": store_size, "epoch": epoch, "schema_version": schema, "file_bytes": size}
+    if magic[:4] == b"SCJR" or size == 0:
+        return _describe_segment(path)
+    if magic == b"SCMANIF1":
+        return {"kind": "manifest", **vars(read_manifest(os.path.dirname(path) or "."))}
+    raise errors.CorruptData(f"{path!r} is not a statecore file (magic {magic!r})")
+
+
+def _describe_segment(path: str) -> Dict[str, Any]:
+    records, damage, _ = read_segment(path)
+    out: Dict[str, Any] = {"kind": "journal segment", "file_bytes": os.path.getsize(path),
+                           "records": len(records)}
+    if records:
+        out.update(format_version=records[0][0].format_version,
+                   page_size=records[0][0].page_size,
+                   first_base_epoch=records[0][0].base_epoch,
+                   last_epoch=records[-1][0].target_epoch,
+                   schema_version=records[-1][0].schema_version)
+    if damage is not None:
+        out["damage"] = f"at offset {damage.offset}: {damage.reason}"
+    return out
+
+
+def _describe_directory(path: str) -> Dict[str, Any]:
+    m = read_manifest(path)
+    files = sorted(os.listdir(path))
+    return {"kind": "durable directory", "format_version": m.format_version,
+            "page_size": m.page_size, "size": m.size, "schema_version": m.schema_version,
+            "uuid": m.uuid, "checkpoints": m.checkpoints, "journal_segments": m.segments,
+            "bytes": sum(os.path.getsize(os.path.join(path, f)) for f in files),
+            "files": files}
+
+
+def verify_directory(directory: str,
+                     progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, Any]:
+    """Check every checksum of a durable directory without changing it, and say what
+    recovery would do."""
+    files: List[Dict[str, Any]] = []
+    ok = True
+    try:
+        manifest = read_manifest(directory)
+        files.append({"file": MANIFEST_NAME, "status": "ok"})
+        ckpts, segs = manifest.checkpoints, manifest.segments
+    except (OSError, errors.CorruptData) as e:
+        files.append({"file": MANIFEST_NAME, "status": "damaged", "detail": str(e)})
+        ok = False
+        ckpts, segs = scan_directory(directory)
+        manifest = None
+    names = [checkpoint_name(e) for e in ckpts] + [segment_name(s) for s in segs]
+    total = sum(_size(os.path.join(directory, n)) for n in names)
+    done = 0
+    for name in names:
+        path = os.path.join(directory, name)
+        status, detail = _verify_file(path, name.startswith("ckpt-"))
+        ok = ok and status in ("ok", "missing (empty)")
+        files.append({"file": name, "status": status, "detail": detail})
+        done += _size(path)
+        if progress:
+            progress(done, total)
+    return {"ok": ok, "files": files, "recovery": _dry_run(directory, manifest)}
+
+
+def _size(path: str) -> int:
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def _verify_file(path: str, is_checkpoint: bool) -> tuple:
+    if not os.path.exists(path):
+        return ("missing (empty)" if not is_checkpoint else "missing"), ""
+    if is_checkpoint:
+        try:
+            view = read_checkpoint(path)
+            return "ok", f"epoch {view.target_epoch}, {view.n_pages} pages"
+        except (errors.StateError, OSError) as e:
+            return "damaged", str(e)
+    records, damage, _ = read_segment(path)
+    if damage is None:
+        return "ok", f"{len(records)} records"
+    return "damaged", (f"{len(records)} good records, then at offset {damage.offset}: "
+                       f"{damage.reason} ({damage.bytes_after} bytes)")
+
+
+def _dry_run(directory: str, manifest: Any) -> str:
+    """Recover into memory (nothing on disk changes) and describe the outcome."""
+    from .recovery import recover
+    from .store import Store
+    if manifest is None:
+        return "rebuild the manifest from the directory listing (open with size= and page_size=)"
+    with Store(size=manifest.size, page_size=manifest.page_size) as scratch:
+        try:
+            report, _ = recover(scratch, directory, manifest)
+        except errors.StateError as e:
+            return f"fail: {e}"
+    return str(report).replace("\n", "; ")

@@ -47,8 +47,12 @@ sc_status sc_checkpoint_save(sc_store *s, uint64_t epoch, int fd, uint64_t *byte
     if (st) return st;
     uint64_t *index = malloc((n ? n : 1) * 24);
     if (!index) { free(ids); free(versions); return SC_ENOMEM; }
-    memcpy(index, ids, n * 8);
-    memcpy(index + n, versions, n * 8);
+    /* An empty store has no changed pages: ids and versions are NULL then, and memcpy
+     * from NULL is undefined even for 0 bytes. */
+    if (n) {
+        memcpy(index, ids, n * 8);
+        memcpy(index + n, versions, n * 8);
+    }
     free(ids);
     free(versions);
     uint64_t payload_offset = SC_HEADER_SIZE + n * 24;

@@ -9,16 +9,6 @@
 _Static_assert(sizeof(sc_header) == SC_HEADER_SIZE, "header layout");
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "formats are little-endian");
 
-/* Version of `page` as of live snapshot `epoch`; chain_lock held for reading. */
-static uint64_t version_as_of(sc_store *s, uint64_t page, uint64_t epoch) {
-    uint64_t v = sc__load_version(s, page);
-    if (v <= epoch) return v;
-    for (sc_preserved *n = atomic_load_explicit(&s->preserved[page], memory_order_acquire); n;
-         n = atomic_load_explicit(&n->next_in_page, memory_order_acquire))
-        if (n->version <= epoch) return n->version;
-    return 0;
-}
-
 typedef struct {
     uint64_t *ids, *versions, n, cap;
 } page_list;
@@ -44,13 +34,14 @@ sc_status sc_changed_pages(sc_store *s, uint64_t since, uint64_t until, uint64_t
     page_list l = {0};
     sc_status st = SC_OK;
     pthread_rwlock_rdlock(&s->chain_lock);
-    if (!sc__snap_is_live(s, until)) st = SC_ENOSNAP;
+    uint64_t seq = sc__snap_seq(s, until);
+    if (!seq) st = SC_ENOSNAP;
     /* group_max skips 64 clean pages per word: the scan follows the changed pages. */
     for (uint64_t g = 0; g < s->n_groups && st == SC_OK; g++) {
         if (atomic_load_explicit(&s->group_max[g], memory_order_acquire) <= since) continue;
         uint64_t end = (g + 1) * 64 < s->n_pages ? (g + 1) * 64 : s->n_pages;
         for (uint64_t p = g * 64; p < end && st == SC_OK; p++) {
-            uint64_t v = version_as_of(s, p, until);
+            uint64_t v = sc__version_as_of(s, seq, p);
             if (v > since) st = page_list_push(&l, p, v);
         }
     }
@@ -87,9 +78,11 @@ static int gather_range(void *ctx, uint64_t begin, uint64_t end) {
         /* Lock in batches so snapshot() never waits behind a whole gather. */
         uint64_t stop = i + 64 < end ? i + 64 : end;
         pthread_rwlock_rdlock(&s->chain_lock);
+        uint64_t seq = sc__snap_seq(s, j->epoch); /* 0: released under us */
+        if (!seq) st = SC_ENOSNAP;
         for (; i < stop && st == SC_OK; i++) {
             uint8_t *dst = j->payload + (i << s->page_shift);
-            st = sc__read_page_as_of(s, j->epoch, j->ids[i], dst, NULL);
+            st = sc__read_page_as_of(s, seq, j->ids[i], dst, NULL);
             j->checksums[i] = sc_page_checksum(dst, s->page_size);
         }
         pthread_rwlock_unlock(&s->chain_lock);
@@ -121,8 +114,12 @@ sc_status sc_delta_build(sc_store *s, uint64_t since, uint64_t until, uint8_t **
     h->payload_bytes = n << s->page_shift;
     memcpy(h->store_uuid, s->uuid, 16);
     uint64_t *out_ids = (uint64_t *)(buf + SC_HEADER_SIZE);
-    memcpy(out_ids, ids, n * 8);
-    memcpy(out_ids + n, versions, n * 8);
+    /* With no changed pages, ids and versions are NULL, and memcpy from NULL is undefined
+     * even for 0 bytes (UBSan aborts on it): an empty delta is a valid thing to build. */
+    if (n) {
+        memcpy(out_ids, ids, n * 8);
+        memcpy(out_ids + n, versions, n * 8);
+    }
     free(ids);
     free(versions);
     gather_job job = {s, until, out_ids, out_ids + 2 * n, buf + payload_offset};
@@ -150,6 +147,14 @@ static sc_status parse_header(const uint8_t *buf, uint64_t len, uint16_t kind, s
     if (h->format_version == 0 || h->kind != kind) return SC_ECORRUPT;
     if (h->compression > SC_COMP_LZ4 || !valid_page_size(h->page_size)) return SC_ECORRUPT;
     if (h->base_epoch > h->target_epoch || h->n_pages > h->store_pages) return SC_ECORRUPT;
+    /* No store has more pages than this (sc_store_open refuses), and checkpoints are never
+     * compressed: anything else claims a store that cannot exist. */
+    if (h->store_pages > UINT32_MAX) return SC_ECORRUPT;
+    if (kind == SC_KIND_CHECKPOINT && h->compression != SC_COMP_NONE) return SC_ECORRUPT;
+    /* Applying moves the store to target_epoch + 1; at UINT64_MAX that wraps to 0, the
+     * store's epoch stays behind page versions of UINT64_MAX, and its snapshots, later
+     * writes and idempotence all break. No real store reaches that epoch. */
+    if (h->target_epoch == UINT64_MAX) return SC_ECORRUPT;
     return SC_OK;
 }
 
@@ -232,12 +237,8 @@ static int scatter_range(void *ctx, uint64_t begin, uint64_t end) {
  * in parallel when large. `new_versions[i]` is the version page ids[i] gets. */
 sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t *new_versions,
                                const uint8_t *const *sources, uint64_t n, int threads) {
-    uint64_t e = atomic_load(&s->epoch);
     for (uint64_t i = 0; i < n; i++) {
-        /* Keep snapshot reads exact: a version a live snapshot could already claim must
-         * not be reused for new bytes; only a diverged replica reaches this branch. */
-        uint64_t v = new_versions[i] > s->newest_snap ? new_versions[i] : e;
-        sc_status st = sc__prepare_page(s, ids[i], v);
+        sc_status st = sc__prepare_page(s, ids[i], new_versions[i]);
         if (st) return st;
     }
     sc_store_publish(s);

@@ -8,13 +8,15 @@
 
 #include "statecore.h"
 
-/* Old content of one page, kept for the live snapshots whose epoch S satisfies
- * version <= S < until. Chains are newest first. */
+/* Old content of one page, kept for the live snapshots whose sequence number S satisfies
+ * stamp <= S < until. Chains are newest first. `version` is the content's epoch (what
+ * deltas carry); stamp/until are local write sequence numbers (what snapshots see). */
 typedef struct sc_preserved {
     struct sc_preserved *_Atomic next_in_page;
     struct sc_preserved *next_owned;   /* list of the snapshot that answers for it */
     uint64_t page;
     uint64_t version;
+    uint64_t stamp;
     uint64_t until;
     uint8_t *data;                     /* a slot of the store's page pool */
 } sc_preserved;
@@ -32,7 +34,8 @@ typedef struct sc_pool {
 } sc_pool;
 
 typedef struct sc_snap {
-    uint64_t epoch;
+    uint64_t epoch;  /* the epoch it closed: how callers name it */
+    uint64_t seq;    /* the write sequence it closed: what it reads by */
     sc_preserved *owned;
 } sc_snap;
 
@@ -64,8 +67,15 @@ struct sc_store {
     uint32_t page_size;
     uint32_t page_shift;
 
-    _Atomic uint64_t *versions;  /* epoch of each page's last write */
+    _Atomic uint64_t *versions;  /* epoch of each page's content (deltas, idempotence) */
     bool versions_owned;         /* malloc'd (anonymous) rather than mapped */
+    /* Local write sequence of each page's last write. Equal to the version on a store
+     * that only writes; different on a replica, whose page versions come from the
+     * primary's deltas and may be older than a local snapshot taken before they arrived.
+     * Snapshots read by stamp, deltas by version. In memory only: no snapshot outlives
+     * the process, so a reopened store starts at zero. */
+    _Atomic uint64_t *stamps;
+    _Atomic uint64_t seq;        /* the open write sequence; a snapshot closes it */
     _Atomic uint64_t *group_max; /* newest version in each group of 64 pages */
     _Atomic uint64_t *dirty;     /* bit per page: written after dirty_base */
     uint64_t n_groups;
@@ -81,7 +91,7 @@ struct sc_store {
     sc_snap *snaps;
     uint64_t n_snaps;
     uint64_t cap_snaps;
-    uint64_t newest_snap;        /* 0 when none */
+    uint64_t newest_snap;        /* sequence of the newest live snapshot; 0 when none */
     sc_preserved *_Atomic *preserved; /* per-page chain heads; allocated on first snapshot */
     sc_pool pool;
 
@@ -103,10 +113,14 @@ void sc__pool_free(sc_pool *p, void *slot);
 void sc__pool_destroy(sc_pool *p);
 
 /* snapshot.c */
-sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t until);
-sc_status sc__read_page_as_of(sc_store *s, uint64_t epoch, uint64_t page, uint8_t *dst,
+sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp,
+                            uint64_t until);
+/* Content and version of `page` as of the snapshot with sequence `seq`; chain_lock held. */
+sc_status sc__read_page_as_of(sc_store *s, uint64_t seq, uint64_t page, uint8_t *dst,
                               uint64_t *version);
-bool sc__snap_is_live(const sc_store *s, uint64_t epoch);
+uint64_t sc__version_as_of(sc_store *s, uint64_t seq, uint64_t page);
+/* Sequence number of the live snapshot that closed `epoch`, or 0; chain_lock held. */
+uint64_t sc__snap_seq(const sc_store *s, uint64_t epoch);
 void sc__free_all_preserved(sc_store *s);
 
 /* delta.c */
@@ -116,6 +130,10 @@ sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t 
 /* little helpers */
 static inline uint64_t sc__load_version(const sc_store *s, uint64_t p) {
     return atomic_load_explicit(&s->versions[p], memory_order_acquire);
+}
+
+static inline uint64_t sc__load_stamp(const sc_store *s, uint64_t p) {
+    return atomic_load_explicit(&s->stamps[p], memory_order_acquire);
 }
 
 #endif

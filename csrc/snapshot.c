@@ -1,11 +1,17 @@
 /* Fork-free copy-on-write snapshots.
  *
- * A snapshot at epoch S reads a page live while the page's version is <= S. The first
- * write after S to such a page first copies the old content into a preserved node
- * covering [old version, write epoch) and publishes it on the page's chain; only then is
- * the version bumped and the page modified. A reader that copied a live page re-checks
- * the version afterwards (seqlock style): if it moved, the copy may be torn and the
- * reader takes the preserved node instead, which is guaranteed to be published by then.
+ * Every write stamps its page with the store's open write sequence; a snapshot closes
+ * the sequence (and the epoch) and reads a page live while the page's stamp is not newer
+ * than the snapshot's sequence. The first write after a snapshot to such a page first
+ * copies the old content into a preserved node covering [old stamp, write sequence),
+ * publishes it on the page's chain, and only then restamps and modifies the page. A
+ * reader that copied a live page re-checks the stamp afterwards (seqlock style): if it
+ * moved, the copy may be torn and the reader takes the preserved node instead, which is
+ * guaranteed to be published by then.
+ *
+ * Stamps rather than page versions decide what a snapshot sees: on a replica, versions
+ * come from the primary and a delta applied after a local snapshot may carry versions
+ * older than that snapshot's epoch.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -22,14 +28,17 @@ static sc_snap *find_snap(const sc_store *s, uint64_t epoch) {
     return lo < s->n_snaps && s->snaps[lo].epoch == epoch ? &s->snaps[lo] : NULL;
 }
 
-bool sc__snap_is_live(const sc_store *s, uint64_t epoch) { return find_snap(s, epoch) != NULL; }
+uint64_t sc__snap_seq(const sc_store *s, uint64_t epoch) {
+    const sc_snap *snap = find_snap(s, epoch);
+    return snap ? snap->seq : 0;
+}
 
-/* Newest live snapshot with version <= epoch < until, or NULL. */
-static sc_snap *snap_needing(const sc_store *s, uint64_t version, uint64_t until) {
+/* Newest live snapshot whose sequence lies in [stamp, until), or NULL. */
+static sc_snap *snap_needing(const sc_store *s, uint64_t stamp, uint64_t until) {
     for (uint64_t i = s->n_snaps; i-- > 0;) {
-        uint64_t e = s->snaps[i].epoch;
-        if (e < until && e >= version) return &s->snaps[i];
-        if (e < version) break;
+        uint64_t q = s->snaps[i].seq;
+        if (q < until && q >= stamp) return &s->snaps[i];
+        if (q < stamp) break;
     }
     return NULL;
 }
@@ -49,9 +58,10 @@ sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out) {
         s->snaps = grown;
         s->cap_snaps = cap;
     }
-    uint64_t e = atomic_load(&s->epoch);
-    s->snaps[s->n_snaps++] = (sc_snap){.epoch = e, .owned = NULL};
-    s->newest_snap = e;
+    uint64_t e = atomic_load(&s->epoch), q = atomic_load(&s->seq);
+    s->snaps[s->n_snaps++] = (sc_snap){.epoch = e, .seq = q, .owned = NULL};
+    s->newest_snap = q;
+    atomic_store(&s->seq, q + 1);
     atomic_store(&s->epoch, e + 1);
     pthread_rwlock_unlock(&s->chain_lock);
     sc__persist_header(s);
@@ -59,7 +69,8 @@ sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out) {
     return SC_OK;
 }
 
-sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t until) {
+sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp,
+                            uint64_t until) {
     sc_preserved *node = malloc(sizeof *node);
     if (!node) return SC_ENOMEM;
     node->data = sc__pool_alloc(&s->pool);
@@ -67,9 +78,10 @@ sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64
     memcpy(node->data, s->data + (page << s->page_shift), s->page_size);
     node->page = page;
     node->version = version;
+    node->stamp = stamp;
     node->until = until;
     node->next_in_page = atomic_load_explicit(&s->preserved[page], memory_order_relaxed);
-    /* The newest snapshot is the one that needs it (version <= newest < until). */
+    /* The newest snapshot is the one that needs it (stamp <= newest < until). */
     sc_snap *owner = &s->snaps[s->n_snaps - 1];
     node->next_owned = owner->owned;
     owner->owned = node;
@@ -101,11 +113,11 @@ sc_status sc_snapshot_release(sc_store *s, uint64_t epoch) {
     uint64_t idx = (uint64_t)(snap - s->snaps);
     memmove(snap, snap + 1, (s->n_snaps - idx - 1) * sizeof *snap);
     s->n_snaps--;
-    s->newest_snap = s->n_snaps ? s->snaps[s->n_snaps - 1].epoch : 0;
+    s->newest_snap = s->n_snaps ? s->snaps[s->n_snaps - 1].seq : 0;
     /* Hand each node to another live snapshot that still reads it, or free it. */
     while (owned) {
         sc_preserved *next = owned->next_owned;
-        sc_snap *heir = snap_needing(s, owned->version, owned->until);
+        sc_snap *heir = snap_needing(s, owned->stamp, owned->until);
         if (heir) {
             owned->next_owned = heir->owned;
             heir->owned = owned;
@@ -136,30 +148,43 @@ void sc__free_all_preserved(sc_store *s) {
     atomic_store(&s->preserved_pages, 0);
 }
 
-/* Caller holds chain_lock (read) and has checked that `epoch` is live. */
-sc_status sc__read_page_as_of(sc_store *s, uint64_t epoch, uint64_t page, uint8_t *dst,
+/* The preserved node a snapshot at sequence `seq` reads for `page`. */
+static const sc_preserved *node_as_of(sc_store *s, uint64_t seq, uint64_t page) {
+    for (sc_preserved *n = atomic_load_explicit(&s->preserved[page], memory_order_acquire); n;
+         n = atomic_load_explicit(&n->next_in_page, memory_order_acquire))
+        if (n->stamp <= seq) return n;
+    return NULL;
+}
+
+sc_status sc__read_page_as_of(sc_store *s, uint64_t seq, uint64_t page, uint8_t *dst,
                               uint64_t *version) {
-    uint64_t v1 = sc__load_version(s, page);
-    if (v1 <= epoch) {
+    uint64_t st1 = sc__load_stamp(s, page);
+    if (st1 <= seq) {
+        uint64_t v = sc__load_version(s, page);
         memcpy(dst, s->data + (page << s->page_shift), s->page_size);
         atomic_thread_fence(memory_order_acquire);
-        uint64_t v2 = sc__load_version(s, page);
-        if (v2 == v1) {
-            if (version) *version = v1;
+        if (atomic_load_explicit(&s->stamps[page], memory_order_relaxed) == st1) {
+            if (version) *version = v;
             return SC_OK;
         }
         /* A writer moved the page while we copied: its old content is preserved. */
     }
-    for (sc_preserved *n = atomic_load_explicit(&s->preserved[page], memory_order_acquire); n;
-         n = atomic_load_explicit(&n->next_in_page, memory_order_acquire)) {
-        if (n->version <= epoch) {
-            memcpy(dst, n->data, s->page_size);
-            if (version) *version = n->version;
-            return SC_OK;
-        }
+    const sc_preserved *n = node_as_of(s, seq, page);
+    /* No node while the snapshot is live cannot happen: report, never return wrong bytes. */
+    if (!n) return SC_ECORRUPT;
+    memcpy(dst, n->data, s->page_size);
+    if (version) *version = n->version;
+    return SC_OK;
+}
+
+uint64_t sc__version_as_of(sc_store *s, uint64_t seq, uint64_t page) {
+    uint64_t st1 = sc__load_stamp(s, page);
+    if (st1 <= seq) {
+        uint64_t v = sc__load_version(s, page);
+        if (atomic_load_explicit(&s->stamps[page], memory_order_acquire) == st1) return v;
     }
-    /* Unreachable while the snapshot is live: report rather than return wrong bytes. */
-    return SC_ECORRUPT;
+    const sc_preserved *n = node_as_of(s, seq, page);
+    return n ? n->version : 0;
 }
 
 sc_status sc_snapshot_read_pages(sc_store *s, uint64_t epoch, const uint64_t *ids, uint64_t n,
@@ -167,10 +192,11 @@ sc_status sc_snapshot_read_pages(sc_store *s, uint64_t epoch, const uint64_t *id
     for (uint64_t i = 0; i < n; i++)
         if (ids[i] >= s->n_pages) return SC_ERANGE;
     pthread_rwlock_rdlock(&s->chain_lock);
-    sc_status st = sc__snap_is_live(s, epoch) ? SC_OK : SC_ENOSNAP;
+    uint64_t seq = sc__snap_seq(s, epoch);
+    sc_status st = seq ? SC_OK : SC_ENOSNAP;
     uint8_t *out = dst;
     for (uint64_t i = 0; i < n && st == SC_OK; i++)
-        st = sc__read_page_as_of(s, epoch, ids[i], out + (i << s->page_shift),
+        st = sc__read_page_as_of(s, seq, ids[i], out + (i << s->page_shift),
                                  versions ? &versions[i] : NULL);
     pthread_rwlock_unlock(&s->chain_lock);
     return st;
@@ -178,7 +204,12 @@ sc_status sc_snapshot_read_pages(sc_store *s, uint64_t epoch, const uint64_t *id
 
 sc_status sc_snapshot_read(sc_store *s, uint64_t epoch, uint64_t offset, void *dst, uint64_t len) {
     if (offset > s->size || len > s->size - offset) return SC_ERANGE;
-    if (!len) return sc__snap_is_live(s, epoch) ? SC_OK : SC_ENOSNAP;
+    if (!len) {
+        pthread_rwlock_rdlock(&s->chain_lock);
+        uint64_t seq = sc__snap_seq(s, epoch);
+        pthread_rwlock_unlock(&s->chain_lock);
+        return seq ? SC_OK : SC_ENOSNAP;
+    }
     uint8_t *page_buf = malloc(s->page_size);
     if (!page_buf) return SC_ENOMEM;
     uint8_t *out = dst;
@@ -192,8 +223,9 @@ sc_status sc_snapshot_read(sc_store *s, uint64_t epoch, uint64_t offset, void *d
         /* Lock per page: a long read must not hold off snapshot() or release(). */
         bool whole = take == s->page_size;
         pthread_rwlock_rdlock(&s->chain_lock);
-        if (!sc__snap_is_live(s, epoch)) st = SC_ENOSNAP;
-        else st = sc__read_page_as_of(s, epoch, page, whole ? out : page_buf, NULL);
+        uint64_t seq = sc__snap_seq(s, epoch);
+        if (!seq) st = SC_ENOSNAP;
+        else st = sc__read_page_as_of(s, seq, page, whole ? out : page_buf, NULL);
         pthread_rwlock_unlock(&s->chain_lock);
         if (st == SC_OK && !whole) memcpy(out, page_buf + in_page, take);
         out += take;

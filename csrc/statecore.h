@@ -178,7 +178,8 @@ void sc_header_seal(sc_header *h, const void *index);
 sc_status sc_delta_apply(sc_store *s, const sc_delta_view *v, const uint8_t *payload,
                          int allow_gap, uint64_t *pages_written);
 
-/* Coalesced replay of k parsed deltas, sorted by target epoch by the caller. */
+/* Coalesced replay of k parsed deltas, sorted by base epoch by the caller (if that order
+ * has a gap, every order has one). */
 typedef struct sc_replay_result {
     uint64_t pages_in;        /* pages carried by all deltas */
     uint64_t pages_written;   /* distinct pages written */

@@ -64,6 +64,11 @@ void sc__persist_header(sc_store *s) {
 }
 
 static sc_status alloc_tracking(sc_store *s) {
+    void *st = mmap(NULL, s->n_pages * 8, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (st == MAP_FAILED) return SC_ENOMEM;
+    s->stamps = st;
+    atomic_store(&s->seq, 1);
     s->n_groups = (s->n_pages + 63) / 64;
     s->group_max = calloc(s->n_groups, sizeof(uint64_t));
     s->dirty = calloc(s->n_groups, sizeof(uint64_t));
@@ -187,13 +192,16 @@ sc_status sc_store_open(const char *path, uint64_t size, uint32_t page_size, sc_
         st = s->n_pages > UINT32_MAX ? SC_EINVAL : open_anonymous(s);
     }
     s->page_shift = log2_u32(s->page_size);
-    sc__pool_init(&s->pool, s->page_size);
     if (st != SC_OK) {
         int saved = errno;
         sc_store_close(s);
         errno = saved;
         return st;
     }
+    /* Only after a successful open: a failed one may not know its page size yet (0 on
+     * EBUSY, or a fresh file without a size) and the pool divides by it. close() of a
+     * failed open sees the calloc'd pool, which is a valid empty one. */
+    sc__pool_init(&s->pool, s->page_size);
     *out = s;
     return SC_OK;
 }
@@ -205,6 +213,7 @@ void sc_store_close(sc_store *s) {
     if (s->fh) sc__persist_header(s);
     if (s->map) munmap(s->map, s->map_len);
     if (s->versions_owned && s->versions) munmap((void *)s->versions, s->n_pages * 8);
+    if (s->stamps) munmap((void *)s->stamps, s->n_pages * 8);
     free((void *)s->group_max);
     free((void *)s->dirty);
     if (s->fd >= 0) close(s->fd); /* also drops the flock */
@@ -246,16 +255,20 @@ uint64_t sc_store_page_version(const sc_store *s, uint64_t page) {
     return page < s->n_pages ? sc__load_version(s, page) : 0;
 }
 
-/* The one place a page changes version. Order matters for lock-free snapshot readers:
- * preserve the old content and publish it, then publish the new version, and only then
+/* The one place a page changes. Order matters for lock-free snapshot readers: preserve
+ * the old content and publish it, then publish the new stamp and version, and only then
  * (after sc_store_publish) may the caller modify the bytes. */
 sc_status sc__prepare_page(sc_store *s, uint64_t p, uint64_t new_version) {
+    uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
+    uint64_t stamp = atomic_load_explicit(&s->stamps[p], memory_order_relaxed);
     uint64_t v = atomic_load_explicit(&s->versions[p], memory_order_relaxed);
-    if (v == new_version) return SC_OK;
-    if (s->newest_snap && v <= s->newest_snap) {
-        sc_status st = sc__preserve_page(s, p, v, atomic_load(&s->epoch));
+    if (stamp == seq && v == new_version) return SC_OK; /* already written since the last snapshot */
+    if (stamp != seq && s->newest_snap && stamp <= s->newest_snap) {
+        sc_status st = sc__preserve_page(s, p, v, stamp, seq);
         if (st) return st;
     }
+    atomic_store_explicit(&s->stamps[p], seq, memory_order_relaxed);
+    /* Release: a reader that sees the new version also sees the new stamp. */
     atomic_store_explicit(&s->versions[p], new_version, memory_order_release);
     uint64_t g = p >> 6;
     if (new_version > atomic_load_explicit(&s->group_max[g], memory_order_relaxed))

@@ -4,6 +4,7 @@ A write first computes, vectorized, the pages the index touches; the core preser
 for live snapshots and records their versions; only then does numpy modify the bytes."""
 from __future__ import annotations
 
+import traceback
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -15,6 +16,21 @@ if TYPE_CHECKING:
 
 _UNSUPPORTED = ("StateArray indexes with ints, slices, Ellipsis, None, or one integer or "
                 "boolean array on the first axis (or integer arrays on every axis)")
+
+
+def _unpin_export(exc: BaseException) -> None:
+    """A failed access's traceback keeps the frames that hold a view of the store; while
+    anyone keeps the exception, that export would make store.close() raise BufferError.
+    Clear those frames' locals (the raising frame drops its own)."""
+    traceback.clear_frames(exc.__traceback__)
+
+
+def _index_array(key: Any) -> np.ndarray:
+    """Like numpy, an empty list selects nothing (np.asarray([]) alone would be float)."""
+    idx = np.asarray(key)
+    if idx.size == 0 and not isinstance(key, np.ndarray):
+        idx = idx.astype(np.intp)
+    return idx
 
 
 def _is_basic(part: Any) -> bool:
@@ -75,7 +91,12 @@ class StateArray:
     # ---- reads ----------------------------------------------------------------------
     def __getitem__(self, key: Any) -> Any:
         view = self._live(self._store)
-        out = view[key]
+        try:
+            out = view[key]
+        except BaseException as e:
+            del view
+            _unpin_export(e)
+            raise
         return out.copy() if isinstance(out, np.ndarray) else out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -90,36 +111,46 @@ class StateArray:
         store = self._store
         region = store._writable_region()
         view = self._live(region)
-        values = np.asarray(value, dtype=self.dtype)
-        target, pages, span = self._plan(view, key)
-        if np.broadcast_shapes(values.shape, target) != target:
-            raise ValueError(f"cannot assign values of shape {values.shape} to a selection "
-                             f"of shape {target}")
-        store._begin_write()
         try:
-            self._touch(pages, span)
-            view[key] = values
-        finally:
-            store._write_lock.release()
+            values = np.asarray(value, dtype=self.dtype)
+            target, pages, span = self._plan(view, key)
+            if np.broadcast_shapes(values.shape, target) != target:
+                raise ValueError(f"cannot assign values of shape {values.shape} to a "
+                                 f"selection of shape {target}")
+            store._begin_write()
+            try:
+                self._touch(pages, span)
+                view[key] = values
+            finally:
+                store._write_lock.release()
+        except BaseException as e:
+            del view, region
+            _unpin_export(e)
+            raise
 
     def add_at(self, idx: Any, values: Any) -> None:
         """Unbuffered `arr[idx] += values` (repeated indices accumulate), like np.add.at."""
         store = self._store
         region = store._writable_region()
         view = self._live(region)
-        rows = self._rows(view, idx)
-        vals = np.asarray(values, dtype=self.dtype)
-        target = rows.shape + view.shape[1:]
-        if np.broadcast_shapes(vals.shape, target) != target:
-            raise ValueError(f"values of shape {vals.shape} do not match index of shape "
-                             f"{rows.shape}")
-        pages = self._row_pages(view, rows)
-        store._begin_write()
         try:
-            self._touch(pages, None)
-            np.add.at(view, rows, vals)
-        finally:
-            store._write_lock.release()
+            rows = self._rows(view, idx)
+            vals = np.asarray(values, dtype=self.dtype)
+            target = rows.shape + view.shape[1:]
+            if np.broadcast_shapes(vals.shape, target) != target:
+                raise ValueError(f"values of shape {vals.shape} do not match index of shape "
+                                 f"{rows.shape}")
+            pages = self._row_pages(view, rows)
+            store._begin_write()
+            try:
+                self._touch(pages, None)
+                np.add.at(view, rows, vals)
+            finally:
+                store._write_lock.release()
+        except BaseException as e:
+            del view, region
+            _unpin_export(e)
+            raise
 
     def _touch(self, pages: Optional[np.ndarray], span: Optional[tuple[int, int]]) -> None:
         if span is not None:
@@ -147,7 +178,7 @@ class StateArray:
             return rows.shape + inner, self._row_pages(view, rows), None
         if view.ndim > 1 and len(parts) == view.ndim and all(
                 isinstance(p, (list, np.ndarray)) for p in parts):
-            idx = [self._normalize(np.asarray(p), d, i) for i, (p, d) in
+            idx = [self._normalize(_index_array(p), d, i) for i, (p, d) in
                    enumerate(zip(parts, view.shape))]
             flat = np.ravel_multi_index(idx, view.shape)
             return flat.shape, self._element_pages(flat.ravel() * self.dtype.itemsize), None
@@ -197,7 +228,7 @@ class StateArray:
             key = [key]
         elif isinstance(key, slice):
             return np.arange(*key.indices(view.shape[0]))
-        idx = np.asarray(key)
+        idx = _index_array(key)
         if idx.dtype == object:
             raise TypeError(_UNSUPPORTED)
         return self._normalize(idx, view.shape[0], 0)

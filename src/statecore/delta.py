@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
 
 import lz4.block
@@ -177,11 +178,12 @@ def _decompress(dv: "_core.DeltaView") -> bytes:
     expect = -(-n_bytes // chunk) if chunk else -1
     if chunk == 0 or chunk % dv.page_size or count != expect or len(src) < 16 + 8 * count:
         raise errors.CorruptDelta(f"lz4 chunk table invalid: chunk={chunk} count={count}")
-    sizes = np.frombuffer(src, dtype="<u8", count=count, offset=16)
-    if int(sizes.sum()) != len(src) - 16 - 8 * count:
+    # Python ints: a uint64 sum of hostile sizes can wrap around to the right total.
+    sizes = np.frombuffer(src, dtype="<u8", count=count, offset=16).tolist()
+    if sum(sizes) != len(src) - 16 - 8 * count:
         raise errors.CorruptDelta("lz4 chunk sizes do not add up to the payload")
-    starts = 16 + 8 * count + np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    jobs = [(src[int(s):int(s) + int(z)], min(chunk, n_bytes - i * chunk))
+    starts = accumulate(sizes, initial=16 + 8 * count)
+    jobs = [(src[s:s + z], min(chunk, n_bytes - i * chunk))
             for i, (s, z) in enumerate(zip(starts, sizes))]
 
     def one(job: Tuple[memoryview, int]) -> bytes:
@@ -217,6 +219,11 @@ def resolve_epochs(store: "Store", since: Any, until: Any) -> Iterator[Tuple[int
     a = _epoch_of(store, "since", since)
     owned = None
     if until is None:
+        # Checked before snapshot(): a rejected call must not close an epoch. The epoch only
+        # grows, so the snapshot taken next is at or after the one checked here.
+        if a > store.epoch:
+            raise ValueError(f"since ({a}) must not be after until (now: the open epoch "
+                             f"{store.epoch})")
         owned = snap = store.snapshot()
     elif isinstance(until, Snapshot):
         snap = until

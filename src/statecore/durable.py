@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,6 +17,7 @@ from .checkpoint import fsync_directory
 from .delta import Delta
 from .snapshot import Snapshot
 from .journal import FLAG_REPLICATED, JournalWriter, segment_name
+from .manifest import NAME as MANIFEST_NAME
 from .manifest import (Manifest, checkpoint_name, read_manifest, scan_directory,
                        write_manifest)
 from .recovery import Discarded, RecoveryReport, recover
@@ -24,6 +26,7 @@ from .store import PathLike, Store
 log = logging.getLogger("statecore")
 
 LOCK_NAME = "LOCK"
+_LEFTOVER_TMP = re.compile(r"^ckpt-\d{20}\.sc\.tmp-\d+$")  # checkpoint.save_checkpoint's
 
 
 def _lock_directory(directory: str) -> int:
@@ -84,6 +87,7 @@ class DurableStore(Store):
             self._set_schema_version(max(manifest.schema_version, self._schema_version()))
             self.recovery.discarded[:0] = notes
             self._repair(damage)
+            self._remove_leftovers()
             log.info("statecore: %s", self.recovery)
         self._set_schema_version(manifest.schema_version)
         self._last_commit = self.epoch - 1
@@ -171,14 +175,40 @@ class DurableStore(Store):
             return
         stamp = time.strftime("%Y%m%dT%H%M%S")
         keep = [s for s in self.manifest.segments if segment_name(s) < name]
+        # The damaged segment also holds the records before the damage: anchor the
+        # recovered state in a checkpoint, listed before anything is moved aside, so that
+        # neither a crash during the repair nor the next open falls back past it.
+        snap = self.snapshot()
+        try:
+            snap.save(os.path.join(self.directory, checkpoint_name(snap.epoch)))
+        finally:
+            snap.release()
+        self.manifest.checkpoints = [c for c in self.manifest.checkpoints
+                                     if c < snap.epoch] + [snap.epoch]
+        self._write_manifest_now()
+        self.recovery.repairs.append(f"wrote {checkpoint_name(snap.epoch)} of the recovered state")
         for s in self.manifest.segments:
             if s not in keep and os.path.exists(os.path.join(self.directory, segment_name(s))):
                 aside = f"{segment_name(s)}.damaged-{stamp}"
                 os.replace(os.path.join(self.directory, segment_name(s)),
                            os.path.join(self.directory, aside))
                 self.recovery.repairs.append(f"moved {segment_name(s)} aside as {aside}")
-        self.manifest.segments = keep + [self.epoch - 1]
+        self.manifest.segments = keep + [snap.epoch]
         self._write_manifest_now()
+
+    def _remove_leftovers(self) -> None:
+        """Delete what a crash left behind (the manifest now names every file recovery
+        needs): temporary checkpoints and manifests, checkpoints saved but never listed,
+        checkpoints and segments trimmed but not yet deleted. Each may be as large as the
+        state, and crashes would pile them up."""
+        ckpts, segs = scan_directory(self.directory)
+        names = [checkpoint_name(e) for e in ckpts if e not in self.manifest.checkpoints]
+        names += [segment_name(s) for s in segs if s not in self.manifest.segments]
+        names += [n for n in os.listdir(self.directory)
+                  if _LEFTOVER_TMP.match(n) or n == MANIFEST_NAME + ".tmp"]
+        for name in names:
+            _unlink_quietly(os.path.join(self.directory, name))
+            self.recovery.repairs.append(f"removed {name}, left behind by a crash")
 
     def _write_manifest_now(self) -> None:
         self.manifest.schema_version = self._schema_version()
@@ -246,6 +276,9 @@ class DurableStore(Store):
         # Group commit: one thread fsyncs for everyone who appended before it started.
         with self._sync_cond:
             while self._synced < ticket:
+                if self._broken:  # the failed fsync covered this record: no retry
+                    raise errors.StateError(f"journal unusable: {self._broken}; reopen the "
+                                            "directory to recover the last durable state")
                 if self._syncing:
                     self._sync_cond.wait()
                     continue
@@ -337,9 +370,16 @@ class DurableStore(Store):
         """New records go to a segment starting at `epoch`; the manifest lists it before
         any record lands there."""
         self.manifest.segments.append(epoch)
-        self._write_manifest_now()
+        try:
+            self._write_manifest_now()
+            new = JournalWriter(os.path.join(self.directory, segment_name(epoch)))
+        except BaseException:
+            # Records keep going to the current segment: a later manifest must not list
+            # this one, or recovery would stop at it as a missing segment.
+            self.manifest.segments.remove(epoch)
+            raise
         old = self._journal
-        self._journal = JournalWriter(os.path.join(self.directory, segment_name(epoch)))
+        self._journal = new
         fsync_directory(self._journal.path)
         old.close()
 

@@ -126,6 +126,8 @@ def _records(buf: memoryview) -> Iterator["Record | Damage"]:
         body = buf[pos + FRAME_SIZE:pos + FRAME_SIZE + length]
         try:
             delta = Delta.decode(body, copy=False)
+        except errors.UnsupportedFormat:
+            raise  # checksums hold: a newer statecore wrote it; not damage to cut away
         except errors.StateError as e:
             yield Damage(pos, f"record does not decode: {e}", end - pos)
             return

@@ -143,6 +143,9 @@ def recover(store: "Store", directory: str, manifest: Manifest,
         stats = replay(store, deltas, progress=progress)
         report.deltas_replayed = stats.deltas
         report.pages_replayed = stats.pages
+        # Records carry the schema version they were committed under (a migration's
+        # commit may be newer than the manifest, which is written after it).
+        store._set_schema_version(max(store._schema_version(), deltas[-1].schema_version))
     report.committed_epoch = deltas[-1].target_epoch if deltas else base
     store._set_epoch(report.committed_epoch + 1)
     del deltas, maps  # the deltas point into the mappings; both go together

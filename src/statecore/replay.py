@@ -31,12 +31,15 @@ def replay(store: "Store", deltas: Iterable[Any], *, allow_gap: bool = False,
     """Bring `store` to the newest state the deltas describe.
 
     Deltas (Delta objects or encoded buffers, each fully validated first) are sorted by
-    epoch; a gap between what the store has and what the deltas start from raises
+    base epoch; a gap between what the store has and what the deltas start from raises
     sc.EpochGap before anything is written. Each page is written once, with its newest
     content; pages the store already has are skipped, so replay is idempotent.
     `threads` 0 picks a count by size."""
     t0 = time.perf_counter()
-    ds = sorted((as_delta(d) for d in deltas), key=lambda d: (d.target_epoch, d.base_epoch))
+    # By base: the core's gap check walks them in order, and only base order never sees a
+    # gap that the set as a whole does not have (target order would put a delta nested
+    # in an earlier, wider one first and call it a gap).
+    ds = sorted((as_delta(d) for d in deltas), key=lambda d: (d.base_epoch, d.target_epoch))
     store._begin_write()
     try:
         pages_in, written, superseded, skipped = store._replay(

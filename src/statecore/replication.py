@@ -301,6 +301,7 @@ class _Session(threading.Thread):
                     raise wire.ProtocolError(f"unexpected {wire.NAMES[ftype]} from follower")
         except (OSError, errors.StateError) as e:
             if not self._halt.is_set():
+                self.error = str(e)  # reported by Primary.followers
                 log.info("statecore: follower %s disconnected: %s", self.addr, e)
             self.stop()
 
@@ -318,6 +319,16 @@ def _nonce_of(msg: Dict[str, Any]) -> bytes:
     if len(nonce) != 16:
         raise wire.ProtocolError("invalid nonce")
     return nonce
+
+
+def _uuid_of(msg: Dict[str, Any]) -> bytes:
+    try:
+        uuid = bytes.fromhex(msg.get("uuid"))
+    except (TypeError, ValueError):
+        raise wire.ProtocolError("invalid store identity in WELCOME") from None
+    if len(uuid) != 16:
+        raise wire.ProtocolError("invalid store identity in WELCOME")
+    return uuid
 
 
 class Follower:
@@ -456,7 +467,7 @@ class Follower:
         p_nonce = _nonce_of(challenge)
         if challenge.get("auth") and self._secret is None:
             raise wire.AuthenticationError("primary requires a secret and none was given")
-        fresh = _is_fresh(store)
+        fresh = True
         wire.send_json(sock, wire.AUTH, {
             "mac": wire.mac(self._secret, b"F", p_nonce, f_nonce), "page_size": store.page_size,
             "size": store.size, "uuid": store.uuid.hex(), "epoch": self._epoch, "fresh": fresh})
@@ -466,7 +477,7 @@ class Follower:
             raise wire.AuthenticationError("primary failed to prove the shared secret")
         if welcome.get("mode") == "full":
             self.state = "syncing"
-            _adopt_identity(store, bytes.fromhex(welcome["uuid"]))
+            _adopt_identity(store, _uuid_of(welcome))
 
     def _apply(self, body: bytearray, sock: socket.socket) -> None:
         delta = Delta.decode(body, copy=False)

@@ -18,6 +18,17 @@ _saver: Optional[ThreadPoolExecutor] = None
 _saver_lock = threading.Lock()
 
 
+def _forget_save_pool_in_child() -> None:
+    # A forked child inherits the pool object but none of its threads: work submitted
+    # to it would never run (and the lock may have been held by a parent thread).
+    global _saver, _saver_lock
+    _saver = None
+    _saver_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_save_pool_in_child)
+
+
 def _save_pool() -> ThreadPoolExecutor:
     global _saver
     with _saver_lock:
@@ -147,7 +158,12 @@ class Snapshot:
     def save_async(self, path: "PathLike") -> "Future[int]":
         """Like save(), in a background thread. The snapshot stays readable meanwhile and
         a release() waits until the save is done."""
-        self._acquire()  # held until the save finishes
+        store = self._acquire()  # held until the save finishes
+        try:
+            store._check()  # closed or forked: raise here, not in the Future
+        except BaseException:
+            self._done()
+            raise
 
         def run() -> int:
             try:

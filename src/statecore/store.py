@@ -72,6 +72,13 @@ class Store(_core.StoreCore):
         return (f"<{type(self).__name__} {where} size={self.size} page_size={self.page_size} "
                 f"epoch={self.epoch}>")
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        # numpy tries the buffer export first and, when it is refused, silently falls
+        # back to a 0-d object array. Only a refused export reaches here: raise why.
+        self._check()
+        out = np.frombuffer(self, dtype=np.uint8)
+        return out if dtype is None else out.astype(dtype)
+
     def sync(self) -> None:
         """Flush a file-backed store's pages to disk (msync). No-op for anonymous memory."""
         self._sync()

@@ -130,7 +130,7 @@ def peer_error(msg: Dict[str, Any]) -> errors.StateError:
 def _parse_json(body: bytearray) -> Dict[str, Any]:
     try:
         obj = json.loads(bytes(body))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: deeply nested input
         raise ProtocolError(f"control frame is not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("control frame is not a JSON object")

@@ -185,6 +185,8 @@ class DurableStore(Store):
             snap.release()
         self.manifest.checkpoints = [c for c in self.manifest.checkpoints
                                      if c < snap.epoch] + [snap.epoch]
+        if self.recovery.replica_epoch:
+            self.manifest.replica_epochs[str(snap.epoch)] = self.recovery.replica_epoch
         self._write_manifest_now()
         self.recovery.repairs.append(f"wrote {checkpoint_name(snap.epoch)} of the recovered state")
         for s in self.manifest.segments:

@@ -1,0 +1,661 @@
+"""DurableStore: commits, epochs, recovery reports, format versions, schema migration,
+the directory lock, group commit from many threads, checkpoints under load, journal
+trimming and checkpoint fallback."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import statecore as sc
+from statecore import _core, journal
+from statecore.snapshot import Snapshot
+
+from _durable_util import (Model, checkpoint_files, checkpoint_name, craft_manifest,
+                           files_fingerprint, flip_bit, random_writes, read_manifest,
+                           record_spans, segment_files, state_hash, truncate)
+
+PS = 4096
+SIZE = 16 * PS
+
+
+@pytest.fixture
+def opened():
+    """open(directory, **kw) -> DurableStore, closed at teardown if the test did not."""
+    stores = []
+
+    def open_(directory, **kw):
+        ds = sc.DurableStore(directory, **kw)
+        stores.append(ds)
+        return ds
+
+    yield open_
+    for ds in stores:
+        if not ds.closed:
+            try:
+                ds.close()
+            except Exception:
+                pass
+
+
+def _seg(directory, start=0):
+    return os.path.join(directory, journal.segment_name(start))
+
+
+def _ckpt(directory, epoch):
+    return os.path.join(directory, checkpoint_name(epoch))
+
+
+# ---- basics and epoch arithmetic ----------------------------------------------------------
+def test_fresh_store_reports_fresh_and_starts_at_epoch_1(tmp_path, opened):
+    ds = opened(tmp_path / "d", size=SIZE, page_size=PS)
+    assert ds.recovery.fresh
+    assert ds.epoch == 1
+    assert (ds.size, ds.page_size, ds.n_pages) == (SIZE, PS, 16)
+    assert ds.read(0, SIZE) == bytes(SIZE)
+    assert "new" in str(ds.recovery)
+
+
+def test_size_is_required_to_create(tmp_path):
+    with pytest.raises(TypeError, match="size"):
+        sc.DurableStore(tmp_path / "d")
+    # The failed open released the directory lock.
+    sc.DurableStore(tmp_path / "d", size=SIZE).close()
+
+
+def test_commit_returns_the_epoch_it_closed(tmp_path, opened):
+    d = tmp_path / "d"
+    ds = opened(d, size=SIZE, page_size=PS)
+    returned = []
+    for i in range(5):
+        before = ds.epoch
+        ds.write(i * 100, b"x" * (i + 1))
+        e = ds.commit()
+        assert e == before, "commit() returns the open epoch it closed"
+        assert ds.epoch == e + 1
+        assert ds.committed_epoch == e
+        returned.append(e)
+    assert returned == list(range(1, 6))
+    # A commit with nothing written still closes the open epoch.
+    e = ds.commit()
+    assert e == 6 and ds.epoch == 7
+    ds.close()
+    ds = opened(d)
+    assert ds.recovery.committed_epoch == 6
+    assert ds.epoch == 7
+    for i in range(5):
+        assert ds.read(i * 100, i + 2) == b"x" * (i + 1) + (b"\0" if i < 4 else b"\0")
+
+
+def test_reopen_recovers_exactly_the_committed_state(tmp_path, opened):
+    d = tmp_path / "d"
+    rng = random.Random(1)
+    ds = opened(d, size=SIZE, page_size=PS)
+    model = Model(SIZE, PS)
+    for i in range(30):
+        random_writes(rng, ds, model, 4)
+        if i % 10 == 9:
+            c = ds.checkpoint().result()
+            model.committed(c)
+        else:
+            model.committed(ds.commit())
+    last = ds.committed_epoch
+    ds.close()
+    ds = opened(d)
+    assert ds.recovery.committed_epoch == last
+    assert state_hash(ds) == model.hash()
+    # The reopened store goes on committing where it stopped.
+    random_writes(rng, ds, model, 3)
+    assert ds.commit() == last + 1
+    ds.close()
+    ds = opened(d)
+    assert state_hash(ds) == model.hash()
+
+
+def test_clean_close_commits_what_was_written(tmp_path, opened):
+    d = tmp_path / "d"
+    ds = opened(d, size=SIZE, page_size=PS)
+    ds.write(0, b"committed")
+    e = ds.commit()
+    ds.write(5000, b"written after the last commit")
+    ds.array("int64", offset=8192, shape=(4,))[:] = [1, 2, 3, 4]
+    ds.close()
+    assert ds.closed
+    ds.close()  # idempotent
+    with pytest.raises(sc.StoreClosed):
+        ds.commit()
+    ds = opened(d)
+    assert ds.recovery.committed_epoch == e + 1
+    assert ds.read(0, 9) == b"committed"
+    assert ds.read(5000, 29) == b"written after the last commit"
+    assert struct.unpack("<4q", ds.read(8192, 32)) == (1, 2, 3, 4)
+
+
+def test_geometry_mismatch_and_bad_arguments(tmp_path, opened):
+    d = tmp_path / "d"
+    opened(d, size=SIZE, page_size=PS).close()
+    with pytest.raises(sc.StoreMismatch, match="size"):
+        sc.DurableStore(d, size=2 * SIZE)
+    with pytest.raises(sc.StoreMismatch, match="page_size"):
+        sc.DurableStore(d, size=SIZE, page_size=512)
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        sc.DurableStore(tmp_path / "e", size=SIZE, keep_checkpoints=0)
+    ds = opened(d)  # no geometry needed to reopen; the failed opens released the lock
+    assert (ds.size, ds.page_size) == (SIZE, PS)
+
+
+# ---- the recovery report ------------------------------------------------------------------
+def test_recovery_report_contents(tmp_path, opened):
+    d = str(tmp_path / "d")
+    rng = random.Random(2)
+    ds = opened(d, size=SIZE, page_size=PS)
+    model = Model(SIZE, PS)
+    for _ in range(4):
+        random_writes(rng, ds, model, 3)
+        ds.commit()
+    random_writes(rng, ds, model, 3)
+    c = ds.checkpoint().result()
+    for _ in range(5):
+        random_writes(rng, ds, model, 3)
+        ds.commit()
+    last = ds.committed_epoch
+    ds.close()
+    spans = [s for s in record_spans(_seg(d, c)) if s[3] > c]
+    ds = opened(d)
+    r = ds.recovery
+    assert not r.fresh
+    assert r.checkpoint_epoch == c
+    assert r.checkpoint_file == checkpoint_name(c)
+    assert r.checkpoint_bytes == os.path.getsize(_ckpt(d, c))
+    assert r.deltas_replayed == len(spans) == 5
+    assert r.committed_epoch == last
+    journal_bytes = sum(end - start - journal.FRAME_SIZE for start, end, _, _ in spans)
+    assert r.journal_bytes == journal_bytes
+    assert r.bytes == r.checkpoint_bytes + journal_bytes
+    assert 0 < r.seconds < 10
+    assert r.discarded == []
+    text = str(r)
+    assert f"recovered epoch {last}" in text and f"checkpoint {c}" in text
+    assert state_hash(ds) == model.hash()
+
+
+def test_recovery_report_names_a_torn_tail(tmp_path, opened):
+    d = str(tmp_path / "d")
+    ds = opened(d, size=SIZE, page_size=PS)
+    for i in range(4):
+        ds.write(i * PS, bytes([i + 1]) * 10)
+        ds.commit()
+    ds.close()
+    seg = _seg(d)
+    spans = record_spans(seg)
+    start, end, base, target = spans[-1]
+    truncate(seg, end - 7)
+    ds = opened(d)
+    r = ds.recovery
+    assert r.checkpoint_epoch is None
+    assert r.committed_epoch == base
+    assert r.deltas_replayed == len(spans) - 1
+    assert len(r.discarded) == 1
+    what = r.discarded[0]
+    assert journal.segment_name(0) in what.what and str(start) in what.what
+    assert "torn" in what.reason
+    assert what.bytes == end - 7 - start
+    assert any("cut" in x for x in r.repairs)
+    assert os.path.getsize(seg) == start
+    assert ds.read(3 * PS, 10) == bytes(10)
+    assert ds.read(2 * PS, 10) == bytes([3]) * 10
+    assert "discarded" in str(r)
+
+
+# ---- format versions ----------------------------------------------------------------------
+def _store_with_history(d, opened, checkpoint=True):
+    ds = opened(d, size=SIZE, page_size=PS)
+    for i in range(3):
+        ds.write(i * PS, bytes([i + 1]) * 64)
+        ds.commit()
+    if checkpoint:
+        ds.checkpoint().result()
+    for i in range(3):
+        ds.write(i * PS + 100, bytes([i + 7]) * 64)
+        ds.commit()
+    ds.close()
+
+
+def _reseal_delta_header(buf: bytearray, at: int) -> None:
+    struct.pack_into("<Q", buf, at + 120, _core.page_checksum(bytes(buf[at:at + 120])))
+
+
+def test_newer_manifest_format_raises_unsupported(tmp_path, opened):
+    d = str(tmp_path / "d")
+    _store_with_history(d, opened)
+    craft_manifest(d, format_version=2)
+    before = files_fingerprint(d)
+    with pytest.raises(sc.UnsupportedFormat, match="manifest"):
+        sc.DurableStore(d, size=SIZE, page_size=PS)
+    assert files_fingerprint(d) == before, "a newer format must be left untouched"
+    # The same change without a valid checksum is damage, not a newer format: rebuilt.
+    craft_manifest(d, format_version=1)
+    flip_bit(os.path.join(d, "MANIFEST"), 30)
+    ds = opened(d, size=SIZE, page_size=PS)
+    assert ds.recovery.discarded[0].what == "MANIFEST"
+
+
+def test_newer_journal_record_frame_raises_unsupported(tmp_path, opened):
+    d = str(tmp_path / "d")
+    _store_with_history(d, opened, checkpoint=False)
+    seg = _seg(d)
+    start = record_spans(seg)[-1][0]
+    with open(seg, "r+b") as f:
+        buf = bytearray(f.read())
+        struct.pack_into("<H", buf, start + 4, journal.FORMAT_VERSION + 1)
+        struct.pack_into("<Q", buf, start + 24, _core.page_checksum(bytes(buf[start:start + 24])))
+        f.seek(0)
+        f.write(buf)
+    before = files_fingerprint(d)
+    with pytest.raises(sc.UnsupportedFormat, match="journal record format"):
+        sc.DurableStore(d)
+    assert files_fingerprint(d) == before, "a newer record must not be cut as a torn tail"
+
+
+def test_newer_delta_inside_journal_record_raises_unsupported(tmp_path, opened):
+    """A record whose frame is version 1 but whose delta is a newer delta format, with
+    every checksum valid: that is a newer format, not damage to cut away."""
+    d = str(tmp_path / "d")
+    _store_with_history(d, opened, checkpoint=False)
+    seg = _seg(d)
+    start, end, _, _ = record_spans(seg)[-1]
+    body = start + journal.FRAME_SIZE
+    with open(seg, "r+b") as f:
+        buf = bytearray(f.read())
+    struct.pack_into("<H", buf, body + 8, _core.FORMAT_VERSION + 1)
+    _reseal_delta_header(buf, body)
+    n = struct.unpack_from("<Q", buf, body + 48)[0]
+    digest = _core.page_checksum(bytes(buf[body:body + _core.HEADER_SIZE + 24 * n]))
+    struct.pack_into("<Q", buf, start + 16, digest)
+    struct.pack_into("<Q", buf, start + 24, _core.page_checksum(bytes(buf[start:start + 24])))
+    with open(seg, "wb") as f:
+        f.write(buf)
+    before = files_fingerprint(d)
+    with pytest.raises(sc.UnsupportedFormat):
+        sc.DurableStore(d)
+    assert files_fingerprint(d) == before, "a newer record must not be cut as a torn tail"
+
+
+def test_newer_checkpoint_format_raises_unsupported(tmp_path, opened):
+    d = str(tmp_path / "d")
+    _store_with_history(d, opened)
+    (ckpt,) = checkpoint_files(d)
+    path = os.path.join(d, ckpt)
+    with open(path, "rb") as f:
+        buf = bytearray(f.read())
+    original = bytes(buf)
+    struct.pack_into("<H", buf, 8, _core.FORMAT_VERSION + 1)
+    _reseal_delta_header(buf, 0)
+    with open(path, "wb") as f:
+        f.write(buf)
+    before = files_fingerprint(d)
+    with pytest.raises(sc.UnsupportedFormat):
+        sc.DurableStore(d)
+    assert files_fingerprint(d) == before
+    # Without the resealed checksum the bumped version is corruption: the checkpoint is
+    # passed over (the journal reaches back to epoch 0) and the state is still exact.
+    buf = bytearray(original)
+    struct.pack_into("<H", buf, 8, _core.FORMAT_VERSION + 1)
+    with open(path, "wb") as f:
+        f.write(buf)
+    ds = opened(d)
+    assert ds.recovery.checkpoint_epoch is None
+    assert ds.recovery.discarded[0].what == ckpt
+    assert ds.read(PS + 100, 64) == bytes([8]) * 64
+
+
+# ---- schema versions ------------------------------------------------------------------------
+def test_schema_version_mismatch_migrate_and_downgrade(tmp_path, opened):
+    d = str(tmp_path / "d")
+    ds = opened(d, size=SIZE, page_size=PS, schema_version=1)
+    assert ds.schema_version == 1
+    ds.write(0, b"v1 data")
+    ds.close()
+
+    with pytest.raises(sc.SchemaMismatch, match="migrate"):
+        sc.DurableStore(d, schema_version=2)
+    ds = opened(d, schema_version=1)  # unchanged, and the failed open released the lock
+    assert ds.schema_version == 1
+    ds.close()
+
+    calls = []
+
+    def migrate(store, old):
+        calls.append((store, old))
+        assert store.schema_version == old
+        assert store.read(0, 7) == b"v1 data"
+        store.write(0, b"v2 data")
+
+    ds = opened(d, schema_version=2, migrate=migrate)
+    assert [old for _, old in calls] == [1] and calls[0][0] is ds
+    assert ds.schema_version == 2
+    assert ds.read(0, 7) == b"v2 data"
+    ds.close()
+
+    # Upgraded durably: reopening at 2 does not migrate again, and None accepts anything.
+    ds = opened(d, schema_version=2, migrate=migrate)
+    assert len(calls) == 1 and ds.schema_version == 2 and ds.read(0, 7) == b"v2 data"
+    ds.close()
+    ds = opened(d)
+    assert ds.schema_version == 2
+    ds.close()
+
+    # Downgrade refused, with or without migrate; migrate is not called.
+    for kw in ({}, {"migrate": migrate}):
+        with pytest.raises(sc.SchemaMismatch, match="downgrade"):
+            sc.DurableStore(d, schema_version=1, **kw)
+    assert len(calls) == 1
+
+
+def test_failed_migration_leaves_the_old_version(tmp_path, opened):
+    d = str(tmp_path / "d")
+    opened(d, size=SIZE, page_size=PS, schema_version=3).close()
+
+    def bad(store, old):
+        store.write(0, b"half-migrated")
+        raise RuntimeError("migration failed")
+
+    with pytest.raises(RuntimeError, match="migration failed"):
+        sc.DurableStore(d, schema_version=4, migrate=bad)
+    ds = opened(d, schema_version=3)
+    assert ds.schema_version == 3
+    assert ds.read(0, 13) == bytes(13), "a failed migration's writes are not committed"
+
+
+def test_schema_version_survives_reopen_after_checkpoint(tmp_path, opened):
+    d = str(tmp_path / "d")
+    ds = opened(d, size=SIZE, page_size=PS, schema_version=5)
+    ds.write(0, b"a")
+    ds.checkpoint().result()
+    ds.write(1, b"b")
+    ds.close()
+    ds = opened(d, schema_version=5)
+    assert ds.schema_version == 5
+
+
+# ---- the directory lock ---------------------------------------------------------------------
+def test_second_open_in_this_process_raises_store_locked(tmp_path, opened):
+    d = tmp_path / "d"
+    ds = opened(d, size=SIZE, page_size=PS)
+    ds.write(0, b"mine")
+    with pytest.raises(sc.StoreLocked):
+        sc.DurableStore(d)
+    with pytest.raises(sc.StoreLocked):
+        sc.DurableStore(d, size=SIZE, page_size=PS)
+    # The refused open changed nothing for the owner.
+    assert ds.commit() == 1
+    ds.close()
+    ds2 = opened(d)
+    assert ds2.read(0, 4) == b"mine"
+
+
+_LOCK_CHILD = """
+import sys
+import statecore as sc
+try:
+    sc.DurableStore(sys.argv[1]).close()
+    print("opened")
+except sc.StoreLocked:
+    print("StoreLocked")
+"""
+
+
+def test_open_in_another_process_raises_store_locked(tmp_path, opened):
+    d = tmp_path / "d"
+    ds = opened(d, size=SIZE, page_size=PS)
+
+    def child():
+        return subprocess.run([sys.executable, "-c", _LOCK_CHILD, str(d)], capture_output=True,
+                              text=True, timeout=60)
+
+    out = child()
+    assert out.stdout.strip() == "StoreLocked", out.stderr
+    ds.close()
+    out = child()
+    assert out.stdout.strip() == "opened", out.stderr
+
+
+def _fork_child_open(directory, conn):
+    try:
+        sc.DurableStore(directory).close()
+        conn.send("opened")
+    except sc.StoreLocked:
+        conn.send("StoreLocked")
+    except BaseException as e:  # pragma: no cover - reported to the parent
+        conn.send(f"{type(e).__name__}: {e}")
+
+
+def test_open_in_a_forked_child_raises_store_locked(tmp_path, opened):
+    d = str(tmp_path / "d")
+    opened(d, size=SIZE, page_size=PS)
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_fork_child_open, args=(d, child))
+    p.start()
+    assert parent.poll(30)
+    assert parent.recv() == "StoreLocked"
+    p.join(30)
+
+
+# ---- concurrency --------------------------------------------------------------------------------
+def test_concurrent_commits_share_fsyncs_and_each_returned_epoch_is_durable(
+        tmp_path, opened, monkeypatch):
+    d = str(tmp_path / "d")
+    n_threads, per_thread = 6, 20
+    ds = opened(d, size=2 * n_threads * PS, page_size=PS)
+    seg = _seg(d)
+    real_fdatasync = os.fdatasync
+    lock = threading.Lock()
+    durable = {"size": 0, "syncs": 0}
+
+    def fdatasync(fd):
+        size = os.fstat(fd).st_size  # everything appended before the call is covered
+        time.sleep(0.002)            # a slow disk, so commits pile up behind one fsync
+        real_fdatasync(fd)
+        with lock:
+            durable["size"] = max(durable["size"], size)
+            durable["syncs"] += 1
+
+    monkeypatch.setattr(journal.os, "fdatasync", fdatasync)
+    results = []
+    errors = []
+    start = threading.Barrier(n_threads)
+
+    def worker(tid):
+        try:
+            start.wait()
+            for it in range(per_thread):
+                ds.write(2 * tid * PS, bytes([tid + 1, it]) * PS)
+                e = ds.commit()
+                with lock:
+                    results.append((e, durable["size"], tid, it))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(results) == n_threads * per_thread
+    epochs = [r[0] for r in results]
+    assert len(set(epochs)) == len(epochs), "every commit closes its own epoch"
+    assert sorted(epochs) == list(range(1, len(epochs) + 1))
+    assert durable["syncs"] < len(results), "group commit: concurrent commits share fsyncs"
+    # Every epoch a commit returned was inside the fsync'd prefix of the journal by then.
+    ends = {target: end for _, end, _, target in record_spans(seg)}
+    for e, synced, tid, it in results:
+        assert ends[e] <= synced, f"commit returned epoch {e} before its record was fsync'd"
+    ds.close()
+    ds = opened(d)
+    assert ds.recovery.committed_epoch == max(epochs)
+    for tid in range(n_threads):
+        assert ds.read(2 * tid * PS, 2 * PS) == bytes([tid + 1, per_thread - 1]) * PS
+
+
+def test_checkpoint_while_a_writer_thread_keeps_committing(tmp_path, opened, monkeypatch):
+    d = str(tmp_path / "d")
+    size = 256 * PS
+    ds = opened(d, size=size, page_size=PS)
+    model = Model(size, PS)
+    mlock = threading.Lock()
+    commits = [0]
+    overlapped = []
+    stop = threading.Event()
+    failures = []
+    real_save = Snapshot.save
+
+    def slow_save(self, path, **kw):
+        # Hold the background save until the writer has committed twice more: the save
+        # must still write exactly the snapshot's state.
+        first = commits[0]
+        deadline = time.monotonic() + 10
+        while commits[0] < first + 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        overlapped.append(commits[0] - first)
+        return real_save(self, path, **kw)
+
+    monkeypatch.setattr(Snapshot, "save", slow_save)
+
+    def writer():
+        rng = random.Random(7)
+        try:
+            while not stop.is_set():
+                with mlock:
+                    random_writes(rng, ds, model, 4)
+                    model.committed(ds.commit())
+                    commits[0] += 1
+        except BaseException as e:  # pragma: no cover - reported below
+            failures.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    taken = []
+    try:
+        for _ in range(4):
+            time.sleep(0.005)
+            with mlock:
+                expect = ds.epoch
+                fut = ds.checkpoint()
+                model.committed(expect)
+            assert fut.result(timeout=30) == expect
+            taken.append(expect)
+            with sc.Store.load(_ckpt(d, expect)) as s:
+                assert s.epoch == expect + 1
+                assert state_hash(s) == model.at[expect], "checkpoint is not its snapshot"
+    finally:
+        stop.set()
+        t.join(30)
+    assert not failures, failures
+    assert all(n >= 2 for n in overlapped), f"writer blocked during checkpoints: {overlapped}"
+    last = ds.committed_epoch
+    ds.close()
+    ds = opened(d)
+    assert ds.recovery.checkpoint_epoch == taken[-1]
+    assert ds.recovery.committed_epoch == last
+    assert state_hash(ds) == model.hash() == model.at[last]
+
+
+# ---- journal trimming and checkpoint fallback --------------------------------------------------
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_journal_trimming_keeps_what_fallback_needs(tmp_path, opened, keep):
+    d = str(tmp_path / "d")
+    rng = random.Random(keep)
+    ds = opened(d, size=SIZE, page_size=PS, keep_checkpoints=keep)
+    model = Model(SIZE, PS)
+    ckpts = []
+    for _ in range(5):
+        random_writes(rng, ds, model, 3)
+        model.committed(ds.commit())
+        random_writes(rng, ds, model, 3)
+        e = ds.epoch
+        assert ds.checkpoint().result() == e
+        model.committed(e)
+        ckpts.append(e)
+        random_writes(rng, ds, model, 3)
+        model.committed(ds.commit())
+        kept = ckpts[-keep:]
+        m = read_manifest(d)
+        assert m.checkpoints == kept
+        assert checkpoint_files(d) == [checkpoint_name(c) for c in kept]
+        # Segments start at each checkpoint; the journal reaches back to the oldest kept
+        # checkpoint, or to epoch 0 while fewer than `keep` exist.
+        starts = [0] + ckpts if len(ckpts) < keep else [c for c in ckpts if c >= kept[0]]
+        assert m.segments == starts
+        assert segment_files(d) == [journal.segment_name(s) for s in starts]
+    last = ds.committed_epoch
+    ds.close()
+    ds = opened(d)
+    assert ds.recovery.checkpoint_epoch == ckpts[-1]
+    assert state_hash(ds) == model.at[last]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_plus_longer_journal(
+        tmp_path, opened):
+    d = str(tmp_path / "d")
+    rng = random.Random(3)
+    ds = opened(d, size=SIZE, page_size=PS, keep_checkpoints=2)
+    model = Model(SIZE, PS)
+    ckpts = []
+    for _ in range(3):
+        for _ in range(3):
+            random_writes(rng, ds, model, 3)
+            model.committed(ds.commit())
+        random_writes(rng, ds, model, 2)
+        ckpts.append(ds.checkpoint().result())
+    for _ in range(3):
+        random_writes(rng, ds, model, 3)
+        model.committed(ds.commit())
+    last = ds.committed_epoch
+    ds.close()
+    prev, newest = ckpts[-2], ckpts[-1]
+    after_prev = sum(1 for s in record_spans(_seg(d, prev)) + record_spans(_seg(d, newest))
+                     if s[3] > prev)
+    path = _ckpt(d, newest)
+    flip_bit(path, os.path.getsize(path) - 1, 3)  # the last page's bytes
+    ds = opened(d)
+    r = ds.recovery
+    assert r.checkpoint_epoch == prev
+    assert r.committed_epoch == last
+    assert r.deltas_replayed == after_prev
+    assert [x.what for x in r.discarded] == [checkpoint_name(newest)]
+    assert "checksum" in r.discarded[0].reason
+    assert r.discarded[0].bytes == os.path.getsize(path)
+    assert state_hash(ds) == model.at[last]
+    # The store goes on from there.
+    random_writes(rng, ds, model, 3)
+    model.committed(ds.commit())
+    ds.close()
+    ds = opened(d)
+    assert state_hash(ds) == model.hash()
+
+
+def test_no_provable_state_raises_and_leaves_the_directory_alone(tmp_path, opened):
+    d = str(tmp_path / "d")
+    ds = opened(d, size=SIZE, page_size=PS, keep_checkpoints=1)
+    ds.write(0, b"a")
+    ds.checkpoint().result()
+    ds.write(0, b"b")
+    c = ds.checkpoint().result()
+    ds.write(1, b"c")
+    ds.close()
+    assert journal.segment_name(0) not in segment_files(d)
+    flip_bit(_ckpt(d, c), 200)
+    before = files_fingerprint(d)
+    for _ in range(2):  # and the refused open released the lock
+        with pytest.raises(sc.CorruptCheckpoint, match="cannot be proven"):
+            sc.DurableStore(d)
+    assert files_fingerprint(d) == before

@@ -73,6 +73,12 @@ sc_status sc_store_write_pages(sc_store *s, const uint64_t *ids, uint64_t n, con
 sc_status sc_store_touch_pages(sc_store *s, const uint64_t *ids, uint64_t n);
 sc_status sc_store_touch_range(sc_store *s, uint64_t offset, uint64_t len);
 void sc_store_publish(sc_store *s); /* release fence between touch and modification */
+/* Touch the pages under rows idx[i] (negative counts from the end, as in numpy) of an
+ * array of n_rows rows of row_bytes bytes starting at byte `base`: StateArray's fancy
+ * assignment in one pass. Every index is checked first; on SC_ERANGE *bad is the position
+ * of the first bad one and nothing was touched. */
+sc_status sc_store_touch_rows(sc_store *s, const int64_t *idx, uint64_t n, uint64_t n_rows,
+                              uint64_t base, uint64_t row_bytes, uint64_t *bad);
 
 /* ---- reads (reader-side) --------------------------------------------- */
 

@@ -314,6 +314,36 @@ sc_status sc_store_touch_pages(sc_store *s, const uint64_t *ids, uint64_t n) {
     return SC_OK;
 }
 
+sc_status sc_store_touch_rows(sc_store *s, const int64_t *idx, uint64_t n, uint64_t n_rows,
+                              uint64_t base, uint64_t row_bytes, uint64_t *bad) {
+    if (!row_bytes || n_rows > UINT64_MAX / row_bytes || !range_ok(s, base, n_rows * row_bytes))
+        return SC_EINVAL;
+    int64_t lo = -(int64_t)n_rows, hi = (int64_t)n_rows;
+    if (n_rows > (uint64_t)INT64_MAX) return SC_EINVAL;
+    for (uint64_t i = 0; i < n; i++) {
+        if (idx[i] < lo || idx[i] >= hi) {
+            *bad = i;
+            return SC_ERANGE;
+        }
+    }
+    uint64_t e = atomic_load(&s->epoch), touched = 0, last_page = UINT64_MAX;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t row = idx[i] < 0 ? (uint64_t)(idx[i] + hi) : (uint64_t)idx[i];
+        uint64_t start = base + row * row_bytes;
+        uint64_t first = start >> s->page_shift, last = (start + row_bytes - 1) >> s->page_shift;
+        for (uint64_t p = first; p <= last; p++) {
+            if (p == last_page) continue; /* sorted or clustered indices: skip the repeat */
+            sc_status st = sc__prepare_page(s, p, e);
+            if (st) return st;
+            last_page = p;
+            touched++;
+        }
+    }
+    atomic_fetch_add_explicit(&s->pages_written, touched, memory_order_relaxed);
+    sc_store_publish(s);
+    return SC_OK;
+}
+
 sc_status sc_store_write(sc_store *s, uint64_t offset, const void *src, uint64_t len) {
     sc_status st = sc_store_touch_range(s, offset, len);
     if (st) return st;

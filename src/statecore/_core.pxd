@@ -1,5 +1,5 @@
 # C declarations of the statecore core (csrc/statecore.h).
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "statecore.h" nogil:
     ctypedef enum sc_status:
@@ -40,6 +40,8 @@ cdef extern from "statecore.h" nogil:
     sc_status sc_store_write_pages(sc_store *s, const uint64_t *ids, uint64_t n, const void *src)
     sc_status sc_store_touch_pages(sc_store *s, const uint64_t *ids, uint64_t n)
     sc_status sc_store_touch_range(sc_store *s, uint64_t offset, uint64_t length)
+    sc_status sc_store_touch_rows(sc_store *s, const int64_t *idx, uint64_t n, uint64_t n_rows,
+                                  uint64_t base, uint64_t row_bytes, uint64_t *bad)
     sc_status sc_store_read(const sc_store *s, uint64_t offset, void *dst, uint64_t length)
 
     sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out)

@@ -9,7 +9,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.pycapsule cimport PyCapsule_New
 from libc.errno cimport errno
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -442,6 +442,24 @@ cdef class StoreCore:
             with nogil:
                 st = sc_store_touch_pages(self._s, &ids[0], n)
             check(st, "touch pages")
+        finally:
+            self._leave()
+
+    def _touch_rows(self, const int64_t[::1] idx not None, uint64_t n_rows, uint64_t base,
+                    uint64_t row_bytes):
+        """Touch the pages under rows idx of an array; IndexError names a bad index."""
+        cdef sc_status st
+        cdef uint64_t n = idx.shape[0], bad = 0
+        if n == 0:
+            return
+        self._enter()
+        try:
+            with nogil:
+                st = sc_store_touch_rows(self._s, &idx[0], n, n_rows, base, row_bytes, &bad)
+            if st == SC_ERANGE:
+                raise IndexError(f"index {idx[bad]} is out of bounds for axis 0 with size "
+                                 f"{n_rows}: indices must be in [{-<int64_t>n_rows}, {n_rows - 1}]")
+            check(st, "touch rows")
         finally:
             self._leave()
 

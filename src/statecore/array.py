@@ -38,6 +38,18 @@ def _is_basic(part: Any) -> bool:
         and not isinstance(part, bool)
 
 
+def _int_rows(key: Any) -> Optional[np.ndarray]:
+    """An integer index array as contiguous int64 (negative values kept), or None when the
+    key needs the general path (bools, other types, uint64 beyond int64)."""
+    if isinstance(key, list):
+        key = np.asarray(key)
+    if not isinstance(key, np.ndarray) or key.dtype.kind not in "iu" or key.ndim == 0:
+        return None
+    if key.dtype == np.uint64 and key.size and int(key.max()) > np.iinfo(np.int64).max:
+        return None
+    return np.ascontiguousarray(key, dtype=np.int64)
+
+
 class StateArray:
     """`arr[idx] = values`, `arr.add_at(idx, values)`, `arr[i:j] -> ndarray` (a copy)."""
 
@@ -134,13 +146,14 @@ class StateArray:
         region = store._writable_region()
         view = self._live(region)
         try:
-            rows = self._rows(view, idx)
+            fast = _int_rows(idx) if view.ndim else None
+            rows = fast if fast is not None else self._rows(view, idx)
             vals = np.asarray(values, dtype=self.dtype)
             target = rows.shape + view.shape[1:]
             if np.broadcast_shapes(vals.shape, target) != target:
                 raise ValueError(f"values of shape {vals.shape} do not match index of shape "
                                  f"{rows.shape}")
-            pages = self._row_pages(view, rows)
+            pages = ("rows", fast.ravel()) if fast is not None else self._row_pages(view, rows)
             store._begin_write()
             try:
                 self._touch(pages, None)
@@ -152,10 +165,13 @@ class StateArray:
             _unpin_export(e)
             raise
 
-    def _touch(self, pages: Optional[np.ndarray], span: Optional[tuple[int, int]]) -> None:
+    def _touch(self, pages: Any, span: Optional[tuple[int, int]]) -> None:
         if span is not None:
             self._store._touch_range(*span)
-        if pages is not None and len(pages):
+        if isinstance(pages, tuple):
+            row_bytes = self.nbytes // self.shape[0] if self.shape[0] else self.dtype.itemsize
+            self._store._touch_rows(pages[1], self.shape[0], self.offset, row_bytes)
+        elif pages is not None and len(pages):
             self._store._touch_pages(pages)
 
     # ---- which pages a key touches ----------------------------------------------------
@@ -173,6 +189,11 @@ class StateArray:
             return sub.shape, *self._basic_pages(view, sub)
         first, rest = parts[0], parts[1:]
         if all(_is_basic(p) for p in rest):
+            inner = view[(0,) + rest].shape if view.ndim > 1 else ()
+            fast = _int_rows(first)
+            if fast is not None and view.ndim:
+                # The core checks bounds and finds the pages in one pass.
+                return fast.shape + inner, ("rows", fast.ravel()), None
             rows = self._rows(view, first)
             inner = view[(0,) + rest].shape if view.ndim > 1 else ()
             return rows.shape + inner, self._row_pages(view, rows), None

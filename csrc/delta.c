@@ -151,10 +151,10 @@ static sc_status parse_header(const uint8_t *buf, uint64_t len, uint16_t kind, s
      * compressed: anything else claims a store that cannot exist. */
     if (h->store_pages > UINT32_MAX) return SC_ECORRUPT;
     if (kind == SC_KIND_CHECKPOINT && h->compression != SC_COMP_NONE) return SC_ECORRUPT;
-    /* Applying moves the store to target_epoch + 1; at UINT64_MAX that wraps to 0, the
-     * store's epoch stays behind page versions of UINT64_MAX, and its snapshots, later
-     * writes and idempotence all break. No real store reaches that epoch. */
-    if (h->target_epoch == UINT64_MAX) return SC_ECORRUPT;
+    /* Applying moves the store to target_epoch + 1 and later snapshots count on from
+     * there; near UINT64_MAX that wraps, the store's epoch falls behind its page versions
+     * and snapshots, writes and idempotence all break. No real store gets near 2^62. */
+    if (h->target_epoch >= SC_MAX_EPOCH) return SC_ECORRUPT;
     return SC_OK;
 }
 

@@ -133,6 +133,7 @@ uint64_t sc_page_checksum(const void *data, size_t len);
 #define SC_CKPT_MAGIC "SCCKPT01"
 #define SC_FORMAT_VERSION 1u
 #define SC_HEADER_SIZE 128u
+#define SC_MAX_EPOCH (1ull << 62) /* epochs at or past this in a delta are corrupt */
 
 enum sc_kind { SC_KIND_DELTA = 1, SC_KIND_CHECKPOINT = 2 };
 enum sc_compression { SC_COMP_NONE = 0, SC_COMP_LZ4 = 1 };

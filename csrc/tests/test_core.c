@@ -902,8 +902,12 @@ static void test_delta_roundtrip(void) {
         for (uint64_t i = 0; i < n; i++) ids[n + i] = UINT64_MAX;
         sc_header_seal(h, ids);
         CHECK_ST(sc_delta_parse(d1, len, SC_KIND_DELTA, 1, &bad, &bad_page), SC_ECORRUPT);
-        h->target_epoch = UINT64_MAX - 1; /* the largest target that can be applied */
-        for (uint64_t i = 0; i < n; i++) ids[n + i] = UINT64_MAX - 1;
+        h->target_epoch = SC_MAX_EPOCH; /* the first epoch refused as implausible */
+        for (uint64_t i = 0; i < n; i++) ids[n + i] = SC_MAX_EPOCH;
+        sc_header_seal(h, ids);
+        CHECK_ST(sc_delta_parse(d1, len, SC_KIND_DELTA, 1, &bad, &bad_page), SC_ECORRUPT);
+        h->target_epoch = SC_MAX_EPOCH - 1; /* the largest target accepted */
+        for (uint64_t i = 0; i < n; i++) ids[n + i] = SC_MAX_EPOCH - 1;
         sc_header_seal(h, ids);
         CHECK_ST(sc_delta_parse(d1, len, SC_KIND_DELTA, 1, &bad, &bad_page), SC_OK);
         h->target_epoch = keep_target;

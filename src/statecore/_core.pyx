@@ -315,10 +315,13 @@ cdef class StoreCore:
                               "(release memoryviews / numpy arrays over the store first)")
         if self._active:
             raise errors.StateError("cannot close: a call is still running in another thread")
+        # Detach before releasing the GIL: another thread entering now must see a closed
+        # store, not one being torn down under it.
+        cdef sc_store *s = self._s
+        self._s = NULL
         if self._gen == _fork_generation:
             with nogil:
-                sc_store_close(self._s)
-        self._s = NULL
+                sc_store_close(s)
 
     def _sync(self):
         self._enter()

@@ -198,9 +198,9 @@ class _Session(threading.Thread):
 
     def run(self) -> None:
         try:
+            self.conn.settimeout(HANDSHAKE_TIMEOUT)  # before the TLS handshake too
             if self.primary._ssl is not None:
                 self.conn = self.primary._ssl.wrap_socket(self.conn, server_side=True)
-            self.conn.settimeout(HANDSHAKE_TIMEOUT)
             self._handshake()
             self.conn.settimeout(None)
             self.state = "streaming"
@@ -272,9 +272,11 @@ class _Session(threading.Thread):
             delta = self._delta_to(pub)
             if delta is None:
                 continue
-            n = wire.send_frame(self.conn, wire.DELTA, delta.encode())
-            self.bytes_sent += n
+            body = delta.encode()
+            # Logged before sending: the follower's ACK can arrive before send_frame returns.
+            self.bytes_sent += wire.HEADER_SIZE + memoryview(body).nbytes
             self._sent_log.append((delta.target_epoch, self.bytes_sent))
+            wire.send_frame(self.conn, wire.DELTA, body)
             self.sent = delta.target_epoch
 
     def _delta_to(self, pub: _Publication) -> Optional[Delta]:
@@ -306,9 +308,9 @@ class _Session(threading.Thread):
             self.stop()
 
     def _acknowledge(self, epoch: int) -> None:
-        self.acked = epoch
         while self._sent_log and self._sent_log[0][0] <= epoch:
             self.bytes_acked = self._sent_log.pop(0)[1]
+        self.acked = epoch  # after bytes_acked: status() never pairs it with stale bytes
 
 
 def _nonce_of(msg: Dict[str, Any]) -> bytes:
@@ -358,6 +360,9 @@ class Follower:
         self.bytes_received = 0
         self.deltas_applied = 0
         self._epoch = _resume_epoch(store)
+        # Until a primary has accepted us, the epoch is only what the store claims to hold:
+        # wait_for must not report a state the primary never confirmed.
+        self._confirmed = False
         self._thread = threading.Thread(target=self._run, name="statecore-follower", daemon=True)
         self._thread.start()
 
@@ -371,7 +376,7 @@ class Follower:
         `timeout` seconds, or the error that stopped the follower."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._epoch < epoch:
+            while self._epoch < epoch or not self._confirmed:
                 if self.error is not None and not self._thread.is_alive():
                     raise self.error
                 left = None if deadline is None else deadline - time.monotonic()
@@ -467,7 +472,7 @@ class Follower:
         p_nonce = _nonce_of(challenge)
         if challenge.get("auth") and self._secret is None:
             raise wire.AuthenticationError("primary requires a secret and none was given")
-        fresh = True
+        fresh = _is_fresh(store)
         wire.send_json(sock, wire.AUTH, {
             "mac": wire.mac(self._secret, b"F", p_nonce, f_nonce), "page_size": store.page_size,
             "size": store.size, "uuid": store.uuid.hex(), "epoch": self._epoch, "fresh": fresh})
@@ -478,6 +483,9 @@ class Follower:
         if welcome.get("mode") == "full":
             self.state = "syncing"
             _adopt_identity(store, _uuid_of(welcome))
+        with self._cond:
+            self._confirmed = True
+            self._cond.notify_all()
 
     def _apply(self, body: bytearray, sock: socket.socket) -> None:
         delta = Delta.decode(body, copy=False)

@@ -23,7 +23,8 @@ static sc_status pwrite_all(int fd, const void *buf, uint64_t len, uint64_t off)
 }
 
 static sc_status write_payload(sc_store *s, uint64_t epoch, int fd, const uint64_t *ids,
-                               uint64_t *checksums, uint64_t n, uint64_t offset) {
+                               uint64_t *checksums, uint64_t n, uint64_t offset,
+                               sc_progress *progress) {
     uint64_t per_batch = SAVE_BATCH_BYTES >> s->page_shift;
     if (!per_batch) per_batch = 1;
     uint8_t *buf = malloc(per_batch << s->page_shift);
@@ -36,12 +37,14 @@ static sc_status write_payload(sc_store *s, uint64_t epoch, int fd, const uint64
             checksums[i + j] = sc_page_checksum(buf + (j << s->page_shift), s->page_size);
         if (st == SC_OK)
             st = pwrite_all(fd, buf, m << s->page_shift, offset + (i << s->page_shift));
+        if (progress) atomic_fetch_add(&progress->done, m << s->page_shift);
     }
     free(buf);
     return st;
 }
 
-sc_status sc_checkpoint_save(sc_store *s, uint64_t epoch, int fd, uint64_t *bytes_out) {
+sc_status sc_checkpoint_save(sc_store *s, uint64_t epoch, int fd, uint64_t *bytes_out,
+                             sc_progress *progress) {
     uint64_t *ids, *versions, n;
     sc_status st = sc_changed_pages(s, 0, epoch, &ids, &versions, &n);
     if (st) return st;
@@ -56,7 +59,8 @@ sc_status sc_checkpoint_save(sc_store *s, uint64_t epoch, int fd, uint64_t *byte
     free(ids);
     free(versions);
     uint64_t payload_offset = SC_HEADER_SIZE + n * 24;
-    st = write_payload(s, epoch, fd, index, index + 2 * n, n, payload_offset);
+    if (progress) atomic_store(&progress->total, n << s->page_shift);
+    st = write_payload(s, epoch, fd, index, index + 2 * n, n, payload_offset, progress);
     sc_header h;
     memset(&h, 0, sizeof h);
     memcpy(h.magic, SC_CKPT_MAGIC, 8);

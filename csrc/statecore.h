@@ -197,8 +197,16 @@ typedef struct sc_replay_result {
 sc_status sc_replay(sc_store *s, const sc_delta_view *views, const uint8_t *const *payloads,
                     uint64_t k, int allow_gap, int threads, sc_replay_result *out);
 
-/* Write a checkpoint of a live snapshot to an open fd (from offset 0), fsync it. */
-sc_status sc_checkpoint_save(sc_store *s, uint64_t epoch, int fd, uint64_t *bytes_out);
+/* Progress of a long call, readable from another thread while it runs. */
+typedef struct sc_progress {
+    _Atomic uint64_t done;
+    _Atomic uint64_t total;
+} sc_progress;
+
+/* Write a checkpoint of a live snapshot to an open fd (from offset 0), fsync it.
+ * progress may be NULL. */
+sc_status sc_checkpoint_save(sc_store *s, uint64_t epoch, int fd, uint64_t *bytes_out,
+                             sc_progress *progress);
 /* Set the store's epoch (after restoring a checkpoint into a fresh store). */
 void sc_store_set_epoch(sc_store *s, uint64_t epoch);
 

@@ -110,7 +110,7 @@ static void make_seeds(void) {
     int fd = mkstemp(tpath);
     if (fd < 0) { perror("mkstemp"); exit(2); }
     uint64_t clen;
-    if ((st = sc_checkpoint_save(src, s2, fd, &clen))) die("checkpoint", st);
+    if ((st = sc_checkpoint_save(src, s2, fd, &clen, NULL))) die("checkpoint", st);
     seeds[3] = (seed_buf){"checkpoint(S2)", SC_KIND_CHECKPOINT, xmalloc(clen), clen};
     if (pread(fd, seeds[3].buf, clen, 0) != (ssize_t)clen) { perror("pread"); exit(2); }
     close(fd);

@@ -1129,8 +1129,12 @@ static void test_checkpoint(void) {
     CHECK(write(fd, junk, 1u << 18) == (ssize_t)(1u << 18));
     free(junk);
     uint64_t bytes = 0;
-    CHECK_ST(sc_checkpoint_save(a.s, sn->epoch, fd, &bytes), SC_OK);
-    CHECK_ST(sc_checkpoint_save(a.s, sn->epoch + 1000, fd, NULL), SC_ENOSNAP);
+    sc_progress prog = {0, 0};
+    CHECK_ST(sc_checkpoint_save(a.s, sn->epoch, fd, &bytes, &prog), SC_OK);
+    /* Progress ends at the payload it announced: every page of the checkpoint. */
+    CHECK(atomic_load(&prog.total) > 0);
+    CHECK_EQ_U64(atomic_load(&prog.done), atomic_load(&prog.total));
+    CHECK_ST(sc_checkpoint_save(a.s, sn->epoch + 1000, fd, NULL, NULL), SC_ENOSNAP);
     close(fd);
 
     uint64_t len = 0;
@@ -1189,7 +1193,7 @@ static void test_checkpoint(void) {
         CHECK_ST(sc_snapshot_take(e, &ee), SC_OK);
         fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
         CHECK(fd >= 0);
-        CHECK_ST(sc_checkpoint_save(e, ee, fd, &bytes), SC_OK);
+        CHECK_ST(sc_checkpoint_save(e, ee, fd, &bytes, NULL), SC_OK);
         CHECK_EQ_U64(bytes, SC_HEADER_SIZE);
         close(fd);
         uint8_t *eb = read_file(path, &len);

@@ -142,6 +142,19 @@ cdef class _Region:
         self.store._exports -= 1
 
 
+cdef class Progress:
+    """Bytes done / total of a running core call, polled from another thread."""
+    cdef sc_progress p
+
+    @property
+    def done(self):
+        return self.p.done
+
+    @property
+    def total(self):
+        return self.p.total
+
+
 # ---- parsed deltas and checkpoints ---------------------------------------------------
 cdef class DeltaView:
     """A validated delta or checkpoint buffer, held while in use."""
@@ -622,13 +635,14 @@ cdef class StoreCore:
             free(ps)
         return r.pages_in, r.pages_written, r.pages_superseded, r.pages_skipped
 
-    def _checkpoint_save(self, uint64_t epoch, int fd):
+    def _checkpoint_save(self, uint64_t epoch, int fd, Progress progress=None):
         cdef uint64_t nbytes = 0
         cdef sc_status st
+        cdef sc_progress *p = &progress.p if progress is not None else NULL
         self._enter()
         try:
             with nogil:
-                st = sc_checkpoint_save(self._s, epoch, fd, &nbytes)
+                st = sc_checkpoint_save(self._s, epoch, fd, &nbytes, p)
             check(st, "save checkpoint")
         finally:
             self._leave()

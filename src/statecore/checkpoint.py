@@ -5,9 +5,12 @@ size, store size, epoch, schema version, store identity, checksums), the index o
 pages ever written (id, version, murmur3 checksum) and their bytes."""
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
-from typing import TYPE_CHECKING, Callable, Optional, Type, TypeVar
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Type, TypeVar
 
 from . import _core, errors
 
@@ -15,6 +18,8 @@ if TYPE_CHECKING:
     from .store import PathLike, Store
 
 S = TypeVar("S", bound="Store")
+
+_tmp_serial = itertools.count()
 
 
 def fsync_directory(path: "PathLike") -> None:
@@ -29,11 +34,20 @@ def save_checkpoint(store: "Store", epoch: int, path: "PathLike",
                     progress: Optional[Callable[[int, int], None]] = None) -> int:
     """Write the snapshot at `epoch` atomically to `path`; returns the file size."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    # A temporary name of its own, created exclusively: two saves to one path (from two
+    # threads) must not write into one file. Digits only after ".tmp-": durable.py's
+    # crash cleanup recognises leftovers by that shape.
+    while True:
+        tmp = f"{path}.tmp-{os.getpid()}{next(_tmp_serial):06d}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            break
+        except FileExistsError:  # left by a crashed process that had our pid
+            continue
     try:
         try:
-            nbytes = store._checkpoint_save(epoch, fd)  # fsyncs the file
+            with _reporting(progress) as counter:
+                nbytes = store._checkpoint_save(epoch, fd, counter)  # fsyncs the file
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -44,9 +58,32 @@ def save_checkpoint(store: "Store", epoch: int, path: "PathLike",
             pass
         raise
     fsync_directory(path)
-    if progress is not None:
-        progress(nbytes, nbytes)
     return nbytes
+
+
+@contextmanager
+def _reporting(progress: Optional[Callable[[int, int], None]]) -> Iterator[Any]:
+    """A core progress counter, polled every 0.1 s into `progress(done, total)` while the
+    call runs (the core never calls back into Python), and once more at the end."""
+    if progress is None:
+        yield None
+        return
+    counter = _core.Progress()
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.1):
+            if counter.total:
+                progress(counter.done, counter.total)
+
+    watcher = threading.Thread(target=poll, name="statecore-progress", daemon=True)
+    watcher.start()
+    try:
+        yield counter
+    finally:
+        stop.set()
+        watcher.join()
+    progress(counter.done, counter.total)
 
 
 def open_readonly_mmap(path: "PathLike") -> mmap.mmap:

@@ -82,7 +82,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     ds = DurableStore(args.directory)
     try:
         t0 = time.perf_counter()
-        epoch = ds.checkpoint().result()
+        bar = ProgressBar("checkpoint", enabled=False if args.json else None)
+        epoch = ds.checkpoint(progress=bar).result()
+        bar.close()
         secs = time.perf_counter() - t0
     finally:
         ds.close()
@@ -140,7 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="statecore", description=__doc__)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    # The same flags after the subcommand (`statecore info X --json`); SUPPRESS keeps an
+    # absent one from overwriting a value given before the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
+    real_add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return real_add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     d = sub.add_parser("demo", help="build state, snapshot under load, replicate, crash, recover")
     d.add_argument("--size", default="1G", help="state size (default 1G; e.g. 64M)")
@@ -203,6 +218,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `statecore info X | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (errors.StateError, OSError, ValueError, TypeError, RuntimeError,
             AssertionError, TimeoutError) as e:
         if args.debug:

@@ -347,7 +347,8 @@ class DurableStore(Store):
             self._write_manifest_now()
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def checkpoint(self) -> "Future[int]":
+    def checkpoint(self, *, progress: Optional[Callable[[int, int], None]] = None
+                   ) -> "Future[int]":
         """Commit, then write a full checkpoint of that epoch in the background while
         writers and commits go on. The Future gives the checkpoint's epoch once it, and the
         manifest naming it, are durable; the journal before the oldest kept checkpoint is
@@ -364,7 +365,8 @@ class DurableStore(Store):
                 snap.release()
                 raise
         self._publish(delta, snap)
-        fut = self._checkpointer.submit(self._write_checkpoint, snap, self._replica_epoch)
+        fut = self._checkpointer.submit(self._write_checkpoint, snap, self._replica_epoch,
+                                        progress)
         self._pending = [f for f in self._pending if not f.done()] + [fut]
         return fut
 
@@ -385,10 +387,11 @@ class DurableStore(Store):
         fsync_directory(self._journal.path)
         old.close()
 
-    def _write_checkpoint(self, snap: Any, replica_epoch: int) -> int:
+    def _write_checkpoint(self, snap: Any, replica_epoch: int,
+                          progress: Optional[Callable[[int, int], None]] = None) -> int:
         try:
             path = os.path.join(self.directory, checkpoint_name(snap.epoch))
-            snap.save(path)
+            snap.save(path, progress=progress)
         finally:
             snap.release()
         with self._append_lock:

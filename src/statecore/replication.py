@@ -179,14 +179,21 @@ class _Session(threading.Thread):
         self.bytes_sent = 0
         self.bytes_acked = 0
         self._sent_log: List[Tuple[int, int]] = []  # (epoch, cumulative bytes) awaiting ack
+        self._ack_rate = 0.0  # bytes/s, smoothed over recent acknowledgements
+        self._last_ack = time.monotonic()
         self._halt = threading.Event()
         self.error: Optional[str] = None
 
     def status(self) -> Dict[str, Any]:
         target = self.primary.epoch
+        lag_bytes = self.bytes_sent - self.bytes_acked
+        rate = self._ack_rate
         return {"address": self.addr, "state": self.state, "acked_epoch": self.acked,
                 "sent_epoch": self.sent, "lag_epochs": max(0, target - self.acked),
-                "lag_bytes": self.bytes_sent - self.bytes_acked, "bytes_sent": self.bytes_sent,
+                "lag_bytes": lag_bytes, "bytes_sent": self.bytes_sent,
+                "ack_bytes_per_second": rate,
+                # Catching up: what is in flight at the rate the follower has been acking.
+                "eta_seconds": (lag_bytes / rate) if lag_bytes and rate else 0.0,
                 "error": self.error}
 
     def stop(self) -> None:
@@ -308,8 +315,14 @@ class _Session(threading.Thread):
             self.stop()
 
     def _acknowledge(self, epoch: int) -> None:
+        before = self.bytes_acked
         while self._sent_log and self._sent_log[0][0] <= epoch:
             self.bytes_acked = self._sent_log.pop(0)[1]
+        now = time.monotonic()
+        if self.bytes_acked > before:
+            sample = (self.bytes_acked - before) / max(now - self._last_ack, 1e-6)
+            self._ack_rate = sample if not self._ack_rate else 0.7 * self._ack_rate + 0.3 * sample
+            self._last_ack = now
         self.acked = epoch  # after bytes_acked: status() never pairs it with stale bytes
 
 

@@ -30,7 +30,10 @@ typedef struct sc_pool {
     uint64_t chunk_size;
     uint64_t chunks;
     sc_chunk *partial;   /* chunks with a free slot */
-    sc_chunk *spare;     /* one empty chunk kept to avoid map/unmap churn */
+    /* Empty chunks, lazily freed (MADV_FREE): the next snapshot reuses them without
+     * faulting and zeroing fresh memory, and the kernel reclaims them under pressure. */
+    void **empty;
+    uint64_t n_empty, cap_empty;
 } sc_pool;
 
 typedef struct sc_snap {

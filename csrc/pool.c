@@ -3,9 +3,11 @@
  * A snapshot's first-write copies are the writer's hot path. malloc'ing each page and
  * faulting it in costs several times the copy itself, so copies come from 2 MiB-aligned
  * chunks (transparent huge pages where the kernel allows: one fault per chunk), carved
- * into page-sized slots with a free list. A chunk whose slots are all free goes back to
- * the OS, except one spare, so memory follows the live snapshots' needs. Writer-side
- * only (allocation in the write path, freeing in release), so no locking here. */
+ * into page-sized slots with a free list. A chunk whose slots are all free is handed to
+ * the kernel with MADV_FREE but kept mapped: the next snapshot's copies land in it
+ * without a fault or a zeroing pass unless memory pressure reclaimed it meanwhile, so
+ * memory still follows the live snapshots' needs. Writer-side only (allocation in the
+ * write path, freeing in release), so no locking here. */
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -76,11 +78,31 @@ static void chunk_free(sc_pool *p, sc_chunk *c) {
     p->chunks--;
 }
 
+static sc_chunk *chunk_reuse(sc_pool *p) {
+    sc_chunk *c = p->empty[--p->n_empty];
+    /* The header page may have been reclaimed (zeroed) while lazily free: rebuild it. */
+    memset(c, 0, sizeof *c);
+    return c;
+}
+
+static void chunk_retire(sc_pool *p, sc_chunk *c) {
+    if (p->n_empty == p->cap_empty) {
+        uint64_t cap = p->cap_empty ? p->cap_empty * 2 : 16;
+        void **grown = realloc(p->empty, cap * sizeof *grown);
+        if (!grown) { chunk_free(p, c); return; }
+        p->empty = grown;
+        p->cap_empty = cap;
+    }
+#ifdef MADV_FREE
+    madvise(c, p->chunk_size, MADV_FREE);
+#endif
+    p->empty[p->n_empty++] = c;
+}
+
 void *sc__pool_alloc(sc_pool *p) {
     if (!p->partial) {
-        sc_chunk *c = p->spare ? p->spare : chunk_new(p);
+        sc_chunk *c = p->n_empty ? chunk_reuse(p) : chunk_new(p);
         if (!c) return NULL;
-        p->spare = NULL;
         list_add(p, c);
     }
     sc_chunk *c = p->partial;
@@ -105,11 +127,7 @@ void sc__pool_free(sc_pool *p, void *slot) {
     if (!c->listed) list_add(p, c);
     if (c->live == 0) {
         list_remove(p, c);
-        if (p->spare) chunk_free(p, p->spare);
-        /* Start the spare afresh: its slots are carved again in address order. */
-        c->free_slot = NULL;
-        c->carved = 0;
-        p->spare = c;
+        chunk_retire(p, c);
     }
 }
 
@@ -119,8 +137,10 @@ void sc__pool_destroy(sc_pool *p) {
         list_remove(p, c);
         chunk_free(p, c);
     }
-    if (p->spare) chunk_free(p, p->spare);
-    p->spare = NULL;
+    while (p->n_empty) chunk_free(p, p->empty[--p->n_empty]);
+    free(p->empty);
+    p->empty = NULL;
+    p->cap_empty = 0;
     /* Full chunks are not listed: they are freed through their slots by the caller
      * (every node is freed before destroy). */
 }

@@ -10,6 +10,8 @@ nothing to do with the code under test.
 from __future__ import annotations
 
 import os
+import signal
+from typing import Callable
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -50,3 +52,38 @@ def small_store():
 def store_path(tmp_path):
     """A path for a file-backed store that does not exist yet."""
     return tmp_path / "state.store"
+
+
+def outcome_in_child(call: Callable[[], object], timeout: int = 60) -> str:
+    """Run `call` in a forked child and describe what happened there: the name of the
+    exception it raised, "no exception", or the signal that killed it (SIGALRM after
+    `timeout` seconds). Calls that could crash or hang the native core run here, so such
+    a bug fails one test instead of ending the run."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(r)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(timeout)
+            try:
+                call()
+                msg = "no exception"
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                msg = type(e).__name__
+            os.write(w, msg.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return msg
+
+
+@pytest.fixture
+def in_child():
+    """outcome_in_child, as a fixture."""
+    return outcome_in_child

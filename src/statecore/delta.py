@@ -10,6 +10,7 @@ Layout (little-endian), shared with checkpoint files:
 """
 from __future__ import annotations
 
+import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -31,6 +32,15 @@ LZ4_CHUNK_BYTES = 1 << 20
 _OFF_COMPRESSION, _OFF_PAYLOAD_BYTES, _OFF_HEADER_SUM = 12, 64, 120
 
 _lz4_pool: Optional[ThreadPoolExecutor] = None
+
+
+def _forget_pool_in_child() -> None:
+    # A forked child inherits the pool object but none of its threads.
+    global _lz4_pool
+    _lz4_pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -252,6 +262,7 @@ def resolve_epochs(store: "Store", since: Any, until: Any) -> Iterator[Tuple[int
 def make_delta(store: "Store", since: Any, until: Any) -> Delta:
     with resolve_epochs(store, since, until) as (a, b):
         buf = store._delta_build(a, b)
+    store._deltas_made += 1
     dv = _core.parse(buf, _core.KIND_DELTA, False, errors.CorruptDelta)
     return Delta(dv, buf)
 

@@ -49,6 +49,8 @@ def replay(store: "Store", deltas: Iterable[Any], *, allow_gap: bool = False,
     nbytes = written * store.page_size
     if progress is not None:
         progress(nbytes, nbytes)
-    return ReplayStats(deltas=len(ds), pages=written, bytes=nbytes, pages_in=pages_in,
-                       pages_superseded=superseded, pages_skipped=skipped,
-                       seconds=time.perf_counter() - t0)
+    stats = ReplayStats(deltas=len(ds), pages=written, bytes=nbytes, pages_in=pages_in,
+                        pages_superseded=superseded, pages_skipped=skipped,
+                        seconds=time.perf_counter() - t0)
+    store._last_replay = stats
+    return stats

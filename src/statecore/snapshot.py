@@ -167,8 +167,8 @@ class Snapshot:
 
         def run() -> int:
             try:
-                store = self._store
-                assert store is not None
+                # The store acquired above: if it was closed meanwhile, the save raises
+                # StoreClosed (self._store is None by then).
                 from .checkpoint import save_checkpoint
                 return save_checkpoint(store, self.epoch, path)
             finally:

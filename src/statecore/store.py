@@ -36,10 +36,20 @@ class Store(_core.StoreCore):
         exists = path is not None and os.path.exists(path) and os.path.getsize(path) > 0
         if size is None and not exists:
             raise TypeError("size is required for a new store (bytes, a multiple of page_size)")
-        sz = check_size(size, ps or DEFAULT_PAGE_SIZE) if size is not None else 0
+        if size is None:
+            sz = 0
+        elif ps is None and exists:
+            # The file's own page size applies; the core reports a size that differs.
+            sz = as_int("size", size)
+            if sz <= 0:
+                raise ValueError(f"size must be a positive multiple of page_size, got {sz}")
+        else:
+            sz = check_size(size, ps or DEFAULT_PAGE_SIZE)
         # Held by writers and snapshot(): a snapshot must never fall between a page's
         # touch and its modification. Readers never take it.
         self._write_lock = threading.Lock()
+        self._deltas_made = 0
+        self._last_replay: Any = None  # ReplayStats of the last sc.replay into this store
         self._pending_releases: list[int] = []
         self._snapshots: "weakref.WeakValueDictionary[int, Snapshot]" = weakref.WeakValueDictionary()
         self._open(None if path is None else os.fspath(path), sz,
@@ -85,6 +95,9 @@ class Store(_core.StoreCore):
 
     # ---- writes --------------------------------------------------------------------
     def _begin_write(self) -> None:
+        # Checked first: in a forked child the lock may be held by a thread that no longer
+        # exists, and the child must get StoreForked, not hang.
+        self._check()
         self._write_lock.acquire()
         if self._pending_releases:
             self._drain_releases()
@@ -205,6 +218,8 @@ class Store(_core.StoreCore):
             self._begin_write()
             self._write_lock.release()
         s = self._stats()
+        last = self._last_replay
         s.update(size=self.size, page_size=self.page_size, n_pages=self.n_pages,
-                 exported_buffers=self._exports_count)
+                 exported_buffers=self._exports_count, deltas_made=self._deltas_made,
+                 replay_bytes_per_second=last.bytes_per_second if last else None)
         return s

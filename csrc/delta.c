@@ -224,25 +224,34 @@ typedef struct {
     sc_store *s;
     const uint64_t *ids;
     const uint8_t *const *sources;
+    sc_progress *progress;
 } scatter_job;
 
 static int scatter_range(void *ctx, uint64_t begin, uint64_t end) {
     scatter_job *j = ctx;
-    for (uint64_t i = begin; i < end; i++)
-        memcpy(j->s->data + (j->ids[i] << j->s->page_shift), j->sources[i], j->s->page_size);
+    for (uint64_t i = begin; i < end;) {
+        uint64_t start = i, stop = end - i > 256 ? i + 256 : end;
+        for (; i < stop; i++)
+            memcpy(j->s->data + (j->ids[i] << j->s->page_shift), j->sources[i], j->s->page_size);
+        if (j->progress) /* every 256 pages: cheap, and often enough for a progress bar */
+            atomic_fetch_add_explicit(&j->progress->done, (stop - start) << j->s->page_shift,
+                                      memory_order_relaxed);
+    }
     return SC_OK;
 }
 
 /* Prepares every listed page (COW for snapshots, version, dirty bit), then copies them,
  * in parallel when large. `new_versions[i]` is the version page ids[i] gets. */
 sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t *new_versions,
-                               const uint8_t *const *sources, uint64_t n, int threads) {
+                               const uint8_t *const *sources, uint64_t n, int threads,
+                               sc_progress *progress) {
     for (uint64_t i = 0; i < n; i++) {
         sc_status st = sc__prepare_page(s, ids[i], new_versions[i]);
         if (st) return st;
     }
     sc_store_publish(s);
-    scatter_job job = {s, ids, sources};
+    if (progress) atomic_store(&progress->total, n << s->page_shift);
+    scatter_job job = {s, ids, sources, progress};
     sc__parallel_for(n, sc__threads_for(n << s->page_shift, threads), scatter_range, &job);
     atomic_fetch_add_explicit(&s->pages_applied, n, memory_order_relaxed);
     return SC_OK;
@@ -270,7 +279,7 @@ sc_status sc_delta_apply(sc_store *s, const sc_delta_view *v, const uint8_t *pay
         vers[k] = v->versions[i];
         src[k++] = payload + i * h->page_size;
     }
-    st = sc__write_pages_from(s, ids, vers, src, k, 0);
+    st = sc__write_pages_from(s, ids, vers, src, k, 0, NULL);
     if (st) goto out;
     if (h->target_epoch + 1 > e) atomic_store(&s->epoch, h->target_epoch + 1);
     sc__persist_header(s);

@@ -128,7 +128,8 @@ void sc__free_all_preserved(sc_store *s);
 
 /* delta.c */
 sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t *new_versions,
-                               const uint8_t *const *sources, uint64_t n, int threads);
+                               const uint8_t *const *sources, uint64_t n, int threads,
+                               sc_progress *progress);
 
 /* little helpers */
 static inline uint64_t sc__load_version(const sc_store *s, uint64_t p) {

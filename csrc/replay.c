@@ -50,6 +50,12 @@ static void coalesce(const sc_delta_view *views, uint64_t k, coalesce_state *c,
 
 sc_status sc_replay(sc_store *s, const sc_delta_view *views, const uint8_t *const *payloads,
                     uint64_t k, int allow_gap, int threads, sc_replay_result *out) {
+    return sc_replay_progress(s, views, payloads, k, allow_gap, threads, out, NULL);
+}
+
+sc_status sc_replay_progress(sc_store *s, const sc_delta_view *views,
+                             const uint8_t *const *payloads, uint64_t k, int allow_gap,
+                             int threads, sc_replay_result *out, sc_progress *progress) {
     memset(out, 0, sizeof *out);
     if (k >= UINT32_MAX) return SC_EINVAL;
     uint64_t reached, total = 0;
@@ -83,7 +89,7 @@ sc_status sc_replay(sc_store *s, const sc_delta_view *views, const uint8_t *cons
         vers[m] = v->versions[row];
         src[m++] = payloads[c.winner_delta[id] - 1] + row * s->page_size;
     }
-    st = sc__write_pages_from(s, ids, vers, src, m, threads);
+    st = sc__write_pages_from(s, ids, vers, src, m, threads, progress);
     if (st) goto out;
     out->pages_written = m;
     if (reached + 1 > atomic_load(&s->epoch)) atomic_store(&s->epoch, reached + 1);

@@ -196,6 +196,11 @@ typedef struct sc_replay_result {
 
 sc_status sc_replay(sc_store *s, const sc_delta_view *views, const uint8_t *const *payloads,
                     uint64_t k, int allow_gap, int threads, sc_replay_result *out);
+/* The same, reporting the bytes written into `progress` (declared below) as it goes. */
+struct sc_progress;
+sc_status sc_replay_progress(sc_store *s, const sc_delta_view *views,
+                             const uint8_t *const *payloads, uint64_t k, int allow_gap,
+                             int threads, sc_replay_result *out, struct sc_progress *progress);
 
 /* Progress of a long call, readable from another thread while it runs. */
 typedef struct sc_progress {

@@ -605,12 +605,13 @@ cdef class StoreCore:
             self._leave()
         return written
 
-    def _replay(self, list views not None, bint allow_gap, int threads):
+    def _replay(self, list views not None, bint allow_gap, int threads, Progress progress=None):
         cdef uint64_t k = len(views), i
         cdef sc_delta_view *vs = <sc_delta_view *>malloc((k or 1) * sizeof(sc_delta_view))
         cdef const uint8_t **ps = <const uint8_t **>malloc((k or 1) * sizeof(uint8_t *))
         cdef sc_replay_result r
         cdef sc_status st
+        cdef sc_progress *pp = &progress.p if progress is not None else NULL
         cdef DeltaView dv
         if vs == NULL or ps == NULL:
             free(vs)
@@ -626,7 +627,7 @@ cdef class StoreCore:
             self._enter()
             try:
                 with nogil:
-                    st = sc_replay(self._s, vs, ps, k, allow_gap, threads, &r)
+                    st = sc_replay_progress(self._s, vs, ps, k, allow_gap, threads, &r, pp)
                 check(st, "replay")
             finally:
                 self._leave()

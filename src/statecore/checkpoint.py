@@ -46,7 +46,7 @@ def save_checkpoint(store: "Store", epoch: int, path: "PathLike",
             continue
     try:
         try:
-            with _reporting(progress) as counter:
+            with reporting(progress) as counter:
                 nbytes = store._checkpoint_save(epoch, fd, counter)  # fsyncs the file
         finally:
             os.close(fd)
@@ -62,7 +62,7 @@ def save_checkpoint(store: "Store", epoch: int, path: "PathLike",
 
 
 @contextmanager
-def _reporting(progress: Optional[Callable[[int, int], None]]) -> Iterator[Any]:
+def reporting(progress: Optional[Callable[[int, int], None]]) -> Iterator[Any]:
     """A core progress counter, polled every 0.1 s into `progress(done, total)` while the
     call runs (the core never calls back into Python), and once more at the end."""
     if progress is None:

@@ -70,7 +70,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from .durable import DurableStore
-    ds = DurableStore(args.directory)
+    bar = ProgressBar("recover", enabled=False if args.json else None)
+    ds = DurableStore(args.directory, progress=bar)
+    bar.close()
     rep = ds.recovery
     ds.close()
     _print(args, {"recovery": rep}, str(rep))

@@ -48,7 +48,8 @@ class DurableStore(Store):
     def __init__(self, directory: PathLike, *, size: Optional[int] = None,
                  page_size: Optional[int] = None, schema_version: Optional[int] = None,
                  migrate: Optional[Callable[["DurableStore", int], None]] = None,
-                 keep_checkpoints: int = 2) -> None:
+                 keep_checkpoints: int = 2,
+                 progress: Optional[Callable[[int, int], None]] = None) -> None:
         self.directory = os.fspath(directory)
         self.keep_checkpoints = as_int("keep_checkpoints", keep_checkpoints)
         if self.keep_checkpoints < 1:
@@ -56,7 +57,7 @@ class DurableStore(Store):
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self._lock_fd = _lock_directory(self.directory)
         try:
-            self._open_directory(size, page_size, schema_version, migrate)
+            self._open_directory(size, page_size, schema_version, migrate, progress)
         except BaseException:
             if not self.closed:
                 Store.close(self)
@@ -65,7 +66,8 @@ class DurableStore(Store):
 
     # ---- opening -----------------------------------------------------------------------
     def _open_directory(self, size: Optional[int], page_size: Optional[int],
-                        schema_version: Optional[int], migrate: Any) -> None:
+                        schema_version: Optional[int], migrate: Any,
+                        progress: Optional[Callable[[int, int], None]]) -> None:
         self._append_lock = threading.Lock()
         self._sync_cond = threading.Condition()
         self._appended = self._synced = 0
@@ -81,7 +83,7 @@ class DurableStore(Store):
         if notes is None:
             self.recovery = RecoveryReport(fresh=True)
         else:
-            self.recovery, damage = recover(self, self.directory, manifest)
+            self.recovery, damage = recover(self, self.directory, manifest, progress)
             # Newest of the manifest's, the checkpoint's and the replayed records' schema
             # versions (_repair writes the store's back to the manifest).
             self._set_schema_version(max(manifest.schema_version, self._schema_version()))

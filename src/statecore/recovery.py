@@ -138,9 +138,15 @@ def recover(store: "Store", directory: str, manifest: Manifest,
     t0 = time.perf_counter()
     report = RecoveryReport()
     base = _load_newest_checkpoint(store, directory, manifest, report)
+    loaded = report.checkpoint_bytes
+    if progress is not None and loaded:
+        progress(loaded, loaded)
     deltas, maps, damage = _collect(directory, _segments_after(manifest, base), base, report)
     if deltas:
-        stats = replay(store, deltas, progress=progress)
+        # One bar over both phases: the checkpoint bytes, then the replayed page bytes.
+        on_replay = None if progress is None else (
+            lambda done, total: progress(loaded + done, loaded + total))
+        stats = replay(store, deltas, progress=on_replay)
         report.deltas_replayed = stats.deltas
         report.pages_replayed = stats.pages
         # Records carry the schema version they were committed under (a migration's

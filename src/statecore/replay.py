@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
+from .checkpoint import reporting
 from .delta import as_delta
 
 if TYPE_CHECKING:
@@ -42,13 +43,12 @@ def replay(store: "Store", deltas: Iterable[Any], *, allow_gap: bool = False,
     ds = sorted((as_delta(d) for d in deltas), key=lambda d: (d.base_epoch, d.target_epoch))
     store._begin_write()
     try:
-        pages_in, written, superseded, skipped = store._replay(
-            [d._view for d in ds], bool(allow_gap), int(threads))
+        with reporting(progress) as counter:
+            pages_in, written, superseded, skipped = store._replay(
+                [d._view for d in ds], bool(allow_gap), int(threads), counter)
     finally:
         store._write_lock.release()
     nbytes = written * store.page_size
-    if progress is not None:
-        progress(nbytes, nbytes)
     stats = ReplayStats(deltas=len(ds), pages=written, bytes=nbytes, pages_in=pages_in,
                         pages_superseded=superseded, pages_skipped=skipped,
                         seconds=time.perf_counter() - t0)

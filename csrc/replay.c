@@ -20,9 +20,15 @@ static sc_status check_sequence(const sc_store *s, const sc_delta_view *views, u
     return SC_OK;
 }
 
+/* The newest copy of one page seen so far: all a page's bookkeeping in one cache line. */
 typedef struct {
-    uint32_t *winner_delta; /* delta index + 1 of the newest copy of each page; 0: none */
-    uint32_t *winner_row;
+    uint64_t version;
+    uint32_t delta; /* index + 1; 0: not seen */
+    uint32_t row;
+} winner;
+
+typedef struct {
+    winner *win;    /* indexed by page id */
     uint64_t *distinct;
     uint64_t n_distinct;
 } coalesce_state;
@@ -32,18 +38,17 @@ static void coalesce(const sc_delta_view *views, uint64_t k, coalesce_state *c,
     for (uint64_t d = 0; d < k; d++) {
         const sc_delta_view *v = &views[d];
         for (uint64_t row = 0; row < v->header.n_pages; row++) {
-            uint64_t id = v->ids[row];
-            uint32_t wd = c->winner_delta[id];
+            winner *w = &c->win[v->ids[row]];
+            uint64_t version = v->versions[row];
             r->pages_in++;
-            if (!wd) {
-                c->distinct[c->n_distinct++] = id;
+            if (!w->delta) {
+                c->distinct[c->n_distinct++] = v->ids[row];
             } else {
                 r->pages_superseded++;
                 /* Same version means same bytes; on ties the later delta wins. */
-                if (views[wd - 1].versions[c->winner_row[id]] > v->versions[row]) continue;
+                if (w->version > version) continue;
             }
-            c->winner_delta[id] = (uint32_t)(d + 1);
-            c->winner_row[id] = (uint32_t)row;
+            *w = (winner){version, (uint32_t)(d + 1), (uint32_t)row};
         }
     }
 }
@@ -65,13 +70,12 @@ sc_status sc_replay_progress(sc_store *s, const sc_delta_view *views,
     uint64_t cap = total < s->n_pages ? total : s->n_pages;
     coalesce_state c = {
         /* calloc maps zero pages lazily: only the touched part of these costs memory. */
-        .winner_delta = calloc(s->n_pages, sizeof(uint32_t)),
-        .winner_row = malloc(s->n_pages * sizeof(uint32_t)),
+        .win = calloc(s->n_pages, sizeof(winner)),
         .distinct = malloc((cap ? cap : 1) * 8),
     };
     uint64_t *ids = malloc((cap ? cap : 1) * 8), *vers = malloc((cap ? cap : 1) * 8);
     const uint8_t **src = malloc((cap ? cap : 1) * sizeof *src);
-    if (!c.winner_delta || !c.winner_row || !c.distinct || !ids || !vers || !src) {
+    if (!c.win || !c.distinct || !ids || !vers || !src) {
         st = SC_ENOMEM;
         goto out;
     }
@@ -79,15 +83,14 @@ sc_status sc_replay_progress(sc_store *s, const sc_delta_view *views,
     uint64_t m = 0;
     for (uint64_t i = 0; i < c.n_distinct; i++) {
         uint64_t id = c.distinct[i];
-        const sc_delta_view *v = &views[c.winner_delta[id] - 1];
-        uint64_t row = c.winner_row[id];
-        if (v->versions[row] <= sc__load_version(s, id)) {
+        const winner *w = &c.win[id];
+        if (w->version <= sc__load_version(s, id)) {
             out->pages_skipped++;
             continue;
         }
         ids[m] = id;
-        vers[m] = v->versions[row];
-        src[m++] = payloads[c.winner_delta[id] - 1] + row * s->page_size;
+        vers[m] = w->version;
+        src[m++] = payloads[w->delta - 1] + (uint64_t)w->row * s->page_size;
     }
     st = sc__write_pages_from(s, ids, vers, src, m, threads, progress);
     if (st) goto out;
@@ -96,8 +99,7 @@ sc_status sc_replay_progress(sc_store *s, const sc_delta_view *views,
     sc__persist_header(s);
     atomic_fetch_add_explicit(&s->deltas_applied, k, memory_order_relaxed);
 out:
-    free(c.winner_delta);
-    free(c.winner_row);
+    free(c.win);
     free(c.distinct);
     free(ids);
     free(vers);

@@ -2,6 +2,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "internal.h"
 #include "parallel.h"
@@ -98,7 +99,7 @@ sc_status sc_delta_build(sc_store *s, uint64_t since, uint64_t until, uint8_t **
     if (st) return st;
     uint64_t payload_offset = SC_HEADER_SIZE + n * 24;
     uint64_t total = payload_offset + (n << s->page_shift);
-    uint8_t *buf = malloc(total ? total : 1);
+    uint8_t *buf = sc_buffer_alloc(total);
     if (!buf) { free(ids); free(versions); return SC_ENOMEM; }
     sc_header *h = (sc_header *)buf;
     memset(h, 0, sizeof *h);
@@ -124,11 +125,85 @@ sc_status sc_delta_build(sc_store *s, uint64_t since, uint64_t until, uint8_t **
     free(versions);
     gather_job job = {s, until, out_ids, out_ids + 2 * n, buf + payload_offset};
     st = sc__parallel_for(n, sc__threads_for(n << s->page_shift, 0), gather_range, &job);
-    if (st) { free(buf); return st; }
+    if (st) { sc_buffer_free(buf, total); return st; }
     sc_header_seal(h, out_ids);
     *buf_out = buf;
     *len_out = total;
     return SC_OK;
+}
+
+#define SC_MAPPED_BUFFER (2u << 20)
+#define SC_BUFFER_CACHE 8
+#define SC_BUFFER_CACHE_BYTES (1ull << 30)
+
+/* Freed large buffers are kept (lazily freed with MADV_FREE) for the next buffer of the
+ * same rounded size: a commit loop builds deltas of similar sizes, and a fresh mapping
+ * costs more in page faults and zeroing than the gather itself. */
+static struct {
+    pthread_mutex_t lock;
+    void *buf[SC_BUFFER_CACHE];
+    uint64_t len[SC_BUFFER_CACHE];
+    uint64_t n, bytes;
+} buffer_cache = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static uint64_t mapped_len(uint64_t len) {
+    return (len + SC_MAPPED_BUFFER - 1) & ~(uint64_t)(SC_MAPPED_BUFFER - 1);
+}
+
+static void *cache_take(uint64_t rounded) {
+    void *p = NULL;
+    pthread_mutex_lock(&buffer_cache.lock);
+    for (uint64_t i = 0; i < buffer_cache.n; i++) {
+        if (buffer_cache.len[i] != rounded) continue;
+        p = buffer_cache.buf[i];
+        buffer_cache.bytes -= rounded;
+        buffer_cache.n--;
+        buffer_cache.buf[i] = buffer_cache.buf[buffer_cache.n];
+        buffer_cache.len[i] = buffer_cache.len[buffer_cache.n];
+        break;
+    }
+    pthread_mutex_unlock(&buffer_cache.lock);
+    return p;
+}
+
+static bool cache_put(void *p, uint64_t rounded) {
+    bool kept = false;
+    pthread_mutex_lock(&buffer_cache.lock);
+    if (buffer_cache.n < SC_BUFFER_CACHE &&
+        buffer_cache.bytes + rounded <= SC_BUFFER_CACHE_BYTES) {
+#ifdef MADV_FREE
+        madvise(p, rounded, MADV_FREE);
+#endif
+        buffer_cache.buf[buffer_cache.n] = p;
+        buffer_cache.len[buffer_cache.n++] = rounded;
+        buffer_cache.bytes += rounded;
+        kept = true;
+    }
+    pthread_mutex_unlock(&buffer_cache.lock);
+    return kept;
+}
+
+void *sc_buffer_alloc(uint64_t len) {
+    if (len < SC_MAPPED_BUFFER) return malloc(len ? len : 1);
+    uint64_t rounded = mapped_len(len);
+    void *p = cache_take(rounded);
+    if (p) return p;
+    p = mmap(NULL, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+#ifdef MADV_HUGEPAGE
+    madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+    return p;
+}
+
+void sc_buffer_free(void *buf, uint64_t len) {
+    if (!buf) return;
+    if (len < SC_MAPPED_BUFFER) {
+        free(buf);
+        return;
+    }
+    uint64_t rounded = mapped_len(len);
+    if (!cache_put(buf, rounded)) munmap(buf, rounded);
 }
 
 static bool valid_page_size(uint32_t ps) {

@@ -169,9 +169,14 @@ typedef struct sc_delta_view {
     uint64_t total_bytes;
 } sc_delta_view;
 
-/* Build delta(since, until) with one gather pass; buffer is malloc'd, caller frees. */
+/* Build delta(since, until) with one gather pass; the caller frees the buffer with
+ * sc_buffer_free(buf, len). */
 sc_status sc_delta_build(sc_store *s, uint64_t since, uint64_t until, uint8_t **buf_out,
                          uint64_t *len_out);
+/* Large buffers come straight from mmap with huge pages advised (a fresh delta is written
+ * once, front to back: fewer faults), small ones from malloc. */
+void *sc_buffer_alloc(uint64_t len);
+void sc_buffer_free(void *buf, uint64_t len);
 /* Validate header and index of a buffer of the given kind. With verify_pages, also every
  * page checksum (uncompressed only); *bad_page gets the index of a failing page. */
 sc_status sc_delta_parse(const uint8_t *buf, uint64_t len, uint16_t kind, int verify_pages,

@@ -107,6 +107,8 @@ cdef extern from "statecore.h" nogil:
 
     sc_status sc_delta_build(sc_store *s, uint64_t since, uint64_t until, uint8_t **buf_out,
                              uint64_t *len_out)
+    void *sc_buffer_alloc(uint64_t length)
+    void sc_buffer_free(void *buf, uint64_t length)
     sc_status sc_delta_parse(const uint8_t *buf, uint64_t length, uint16_t kind, int verify_pages,
                              sc_delta_view *out, uint64_t *bad_page)
     sc_status sc_verify_pages(const sc_delta_view *v, const uint8_t *payload, uint64_t *bad_page)

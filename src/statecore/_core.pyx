@@ -79,13 +79,17 @@ def page_checksum(const uint8_t[::1] data not None):
 
 # ---- buffers ------------------------------------------------------------------------
 cdef class NativeBuffer:
-    """A read-only, malloc'd buffer made by the core (a delta), exported without copies."""
+    """A read-only buffer made by the core (a delta, a page list), exported without copies."""
     cdef uint8_t *data
     cdef Py_ssize_t length
     cdef Py_ssize_t shape[1]
+    cdef bint mapped  # from sc_buffer_alloc (else malloc)
 
     def __dealloc__(self):
-        free(self.data)
+        if self.mapped:
+            sc_buffer_free(self.data, <uint64_t>self.length)
+        else:
+            free(self.data)
 
     def __len__(self):
         return self.length
@@ -110,10 +114,11 @@ cdef class NativeBuffer:
         pass
 
 
-cdef NativeBuffer wrap_native(uint8_t *data, uint64_t length):
+cdef NativeBuffer wrap_native(uint8_t *data, uint64_t length, bint mapped=False):
     cdef NativeBuffer b = NativeBuffer.__new__(NativeBuffer)
     b.data = data
     b.length = <Py_ssize_t>length
+    b.mapped = mapped
     return b
 
 
@@ -588,7 +593,7 @@ cdef class StoreCore:
             check(st, "build delta")
         finally:
             self._leave()
-        return wrap_native(buf, n)
+        return wrap_native(buf, n, True)
 
     def _apply(self, DeltaView dv not None, bint allow_gap):
         cdef uint64_t written = 0

@@ -21,6 +21,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import workloads  # noqa: E402
+import durable_workloads  # noqa: E402,F401  (issue 4: registers its cases and rows)
+import replication_workloads  # noqa: E402,F401  (issue 5: the same)
 
 
 def main(argv=None) -> int:

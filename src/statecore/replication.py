@@ -461,12 +461,13 @@ class Follower:
                 return
             self.connects += 1
             limit = wire.delta_frame_limit(self.store.size, self.store.page_size)
+            reuse = wire.RecvBuffer()
             self._handshake(sock)
             sock.settimeout(PING_INTERVAL * 5)  # the primary pings when idle
             self.state = "streaming"
             self.error = None
             while not self._stop.is_set():
-                ftype, body = wire.recv_frame(sock, limit)
+                ftype, body = wire.recv_frame(sock, limit, reuse)
                 if ftype == wire.DELTA:
                     self._apply(body, sock)
                 elif ftype == wire.ERROR:
@@ -500,7 +501,7 @@ class Follower:
             self._confirmed = True
             self._cond.notify_all()
 
-    def _apply(self, body: bytearray, sock: socket.socket) -> None:
+    def _apply(self, body: Any, sock: socket.socket) -> None:
         delta = Delta.decode(body, copy=False)
         self.bytes_received += len(body) + wire.HEADER_SIZE
         _apply_replicated(self.store, delta)

@@ -13,6 +13,8 @@ import socket
 import struct
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
+
 from . import _core, errors
 
 MAGIC = b"SCW1"
@@ -80,21 +82,40 @@ def send_json(sock: socket.socket, ftype: int, payload: Dict[str, Any]) -> None:
     send_frame(sock, ftype, json.dumps(payload).encode())
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
+class RecvBuffer:
+    """A receive buffer reused across DELTA frames: a fresh bytearray per frame costs a
+    zeroing pass and a page fault per page, more than receiving the bytes. The body of the
+    last frame is valid until the next receive into the same buffer."""
+
+    def __init__(self) -> None:
+        self._mem = np.empty(0, dtype=np.uint8)
+
+    def take(self, n: int) -> memoryview:
+        if self._mem.size < n:
+            self._mem = np.empty(max(n, self._mem.size * 3 // 2), dtype=np.uint8)
+        return memoryview(self._mem)[:n]
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    n, got = view.nbytes, 0
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise ConnectionError(f"connection closed by peer ({got} of {n} bytes received)")
         got += k
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    _recv_into(sock, memoryview(buf))
     return buf
 
 
-def recv_frame(sock: socket.socket, limit: int) -> Tuple[int, bytearray]:
+def recv_frame(sock: socket.socket, limit: int,
+               reuse: Optional[RecvBuffer] = None) -> Tuple[int, Any]:
     """One frame: (type, body). The length is checked against `limit` before any
-    allocation; the checksum before anything looks at the body."""
+    allocation; the checksum before anything looks at the body. With `reuse`, a DELTA
+    body is received into that buffer instead of a new bytearray."""
     raw = _recv_exact(sock, HEADER_SIZE)
     magic, version, ftype, length, checksum = HEADER.unpack(raw)
     if magic != MAGIC:
@@ -107,7 +128,11 @@ def recv_frame(sock: socket.socket, limit: int) -> Tuple[int, bytearray]:
     cap = limit if ftype == DELTA else min(limit, CONTROL_LIMIT)
     if length > cap:
         raise ProtocolError(f"{NAMES[ftype]} frame of {length} bytes exceeds the limit of {cap}")
-    body = _recv_exact(sock, length)
+    if reuse is not None and ftype == DELTA:
+        body: Any = reuse.take(length)
+        _recv_into(sock, body)
+    else:
+        body = _recv_exact(sock, length)
     if _core.page_checksum(bytes(raw[:16]) + _digest_part(ftype, body)) != checksum:
         raise ProtocolError(f"{NAMES[ftype]} frame checksum mismatch")
     return ftype, body

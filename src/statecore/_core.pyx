@@ -78,6 +78,23 @@ def page_checksum(const uint8_t[::1] data not None):
 
 
 # ---- buffers ------------------------------------------------------------------------
+cdef inline void fill_byte_view(Py_buffer *view, object owner, void *buf, Py_ssize_t *shape,
+                                Py_ssize_t n, bint readonly) noexcept:
+    """A flat, contiguous byte buffer: every export in this module has this shape."""
+    shape[0] = n
+    view.buf = buf
+    view.obj = owner
+    view.len = n
+    view.readonly = readonly
+    view.itemsize = 1
+    view.format = "B"
+    view.ndim = 1
+    view.shape = shape
+    view.strides = NULL
+    view.suboffsets = NULL
+    view.internal = NULL
+
+
 cdef class NativeBuffer:
     """A read-only buffer made by the core (a delta, a page list), exported without copies."""
     cdef uint8_t *data
@@ -97,18 +114,7 @@ cdef class NativeBuffer:
     def __getbuffer__(self, Py_buffer *view, int flags):
         if flags & PyBUF_WRITABLE:
             raise BufferError("statecore buffers are read-only")
-        self.shape[0] = self.length
-        view.buf = self.data
-        view.obj = self
-        view.len = self.length
-        view.readonly = 1
-        view.itemsize = 1
-        view.format = "B"
-        view.ndim = 1
-        view.shape = self.shape
-        view.strides = NULL
-        view.suboffsets = NULL
-        view.internal = NULL
+        fill_byte_view(view, self, self.data, self.shape, self.length, True)
 
     def __releasebuffer__(self, Py_buffer *view):
         pass
@@ -130,18 +136,8 @@ cdef class _Region:
 
     def __getbuffer__(self, Py_buffer *view, int flags):
         self.store._enter_export()
-        self.shape[0] = <Py_ssize_t>sc_store_size(self.store._s)
-        view.buf = <void *>sc_store_data(self.store._s)
-        view.obj = self
-        view.len = self.shape[0]
-        view.readonly = 0
-        view.itemsize = 1
-        view.format = "B"
-        view.ndim = 1
-        view.shape = self.shape
-        view.strides = NULL
-        view.suboffsets = NULL
-        view.internal = NULL
+        fill_byte_view(view, self, <void *>sc_store_data(self.store._s), self.shape,
+                       <Py_ssize_t>sc_store_size(self.store._s), False)
 
     def __releasebuffer__(self, Py_buffer *view):
         self.store._exports -= 1
@@ -406,18 +402,8 @@ cdef class StoreCore:
         if flags & PyBUF_WRITABLE:
             raise BufferError("the live view of a store is read-only; write through the store")
         self._enter_export()
-        self._shape[0] = <Py_ssize_t>sc_store_size(self._s)
-        view.buf = <void *>sc_store_data(self._s)
-        view.obj = self
-        view.len = self._shape[0]
-        view.readonly = 1
-        view.itemsize = 1
-        view.format = "B"
-        view.ndim = 1
-        view.shape = self._shape
-        view.strides = NULL
-        view.suboffsets = NULL
-        view.internal = NULL
+        fill_byte_view(view, self, <void *>sc_store_data(self._s), self._shape,
+                       <Py_ssize_t>sc_store_size(self._s), True)
 
     def __releasebuffer__(self, Py_buffer *view):
         self._exports -= 1

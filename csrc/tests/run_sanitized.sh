@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build the C core with its tests under AddressSanitizer + UBSan and run them:
 #   test_core    - unit, model and thread tests of the C API
+#   test_kv      - the key-value layer: model test with snapshot views, full-region
+#                  atomicity, byte-flip fuzzing of a map in the store
 #   fuzz_decode  - deterministic mutation fuzzer of the delta/checkpoint decoder
 # Called by .ci/run from the repo root as `bash csrc/tests/run_sanitized.sh`; works from
 # anywhere. Builds in a fresh temp dir (never in the repo). Exits non-zero on any failure.
@@ -41,7 +43,9 @@ wait_all "${pids[@]}"
 p1=$!
 "$cc" "${flags[@]}" "$here/fuzz_decode.c" "${objs[@]}" -o "$build/fuzz_decode" &
 p2=$!
-wait_all "$p1" "$p2"
+"$cc" "${flags[@]}" "$here/test_kv.c" "${objs[@]}" -o "$build/test_kv" &
+p3=$!
+wait_all "$p1" "$p2" "$p3"
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
@@ -55,6 +59,8 @@ run() {
 status=0
 echo "== test_core"
 run "$build/test_core" ${SEED:+"$SEED"} || status=1
+echo "== test_kv"
+run "$build/test_kv" ${SEED:+"$SEED"} || status=1
 echo "== fuzz_decode"
 run "$build/fuzz_decode" "${FUZZ_ITERATIONS:-20000}" ${SEED:+"$SEED"} || status=1
 

@@ -15,6 +15,7 @@ from .recovery import RecoveryReport
 from .replication import Follower, Primary
 from .wire import AuthenticationError, PeerError, ProtocolError
 from ._core import page_checksum
+from .kv import CorruptKV, KVFull, KVStore
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "StateError", "StoreClosed", "StoreForked", "StoreLocked", "StoreMismatch",
     "UnsupportedFormat", "CorruptData", "CorruptDelta", "CorruptCheckpoint", "CorruptStore",
     "EpochGap", "IncompatibleDelta", "SnapshotReleased",
+    "KVStore", "KVFull", "CorruptKV",
 ]

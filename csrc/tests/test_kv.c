@@ -1,0 +1,443 @@
+/* C-level tests of the keyed-state map (csrc/kv*.c), meant for AddressSanitizer + UBSan.
+ * A random model test against a reference array, snapshot views, full-store atomicity
+ * (single and batch puts), and byte-flip fuzzing of a map's region (must never crash).
+ * Last line: "N passed, M failed"; non-zero exit on failure. Optional argv[1]: seed. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kv.h"
+#include "statecore.h"
+
+static long g_failures;
+static uint64_t g_rng = 0x6b76u;
+
+#define CHECK(cond)                                                                  \
+    do {                                                                             \
+        if (!(cond)) {                                                               \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+            g_failures++;                                                            \
+        }                                                                            \
+    } while (0)
+#define CHECK_ST(expr, want)                                                            \
+    do {                                                                                \
+        int got_ = (expr), want_ = (want);                                              \
+        if (got_ != want_) {                                                            \
+            fprintf(stderr, "%s:%d: %s returned %d (%s), want %d\n", __FILE__, __LINE__, \
+                    #expr, got_, sc_kv_strerror(got_), want_);                          \
+            g_failures++;                                                               \
+        }                                                                               \
+    } while (0)
+#define REQUIRE(cond)                                                                  \
+    do {                                                                               \
+        if (!(cond)) {                                                                 \
+            fprintf(stderr, "%s:%d: REQUIRE failed: %s\n", __FILE__, __LINE__, #cond); \
+            g_failures++;                                                              \
+            return;                                                                    \
+        }                                                                              \
+    } while (0)
+
+static uint64_t rnd(void) {
+    uint64_t z = (g_rng += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+static uint64_t below(uint64_t n) { return n ? rnd() % n : 0; }
+
+static void verify_ok(sc_kv *kv) {
+    char msg[256];
+    int st = sc_kv_verify(kv, msg, sizeof msg);
+    if (st != SC_OK) fprintf(stderr, "verify: %s\n", msg);
+    CHECK_ST(st, SC_OK);
+}
+
+/* ---- reference model -------------------------------------------------------------------- */
+#define NKEYS 3000
+typedef struct model {
+    uint8_t present[NKEYS];
+    uint32_t vlen[NKEYS];
+    uint8_t *val[NKEYS];
+} model;
+
+static uint64_t key_of(int id, uint8_t *buf) {
+    /* distinct keys of lengths 4..40, and the empty key for id 0 */
+    if (!id) return 0;
+    uint64_t n = 4 + (uint64_t)(id * 7) % 37;
+    for (uint64_t i = 0; i < n; i++) buf[i] = (uint8_t)(id * 31 + i * 17 + (id >> 8));
+    memcpy(buf, &id, 4);
+    return n;
+}
+
+static void make_value(uint8_t *buf, uint32_t n) {
+    for (uint32_t i = 0; i < n; i++) buf[i] = (uint8_t)rnd();
+}
+
+static void model_set(model *m, int id, const uint8_t *v, uint32_t n) {
+    free(m->val[id]);
+    m->val[id] = malloc(n ? n : 1);
+    memcpy(m->val[id], v, n);
+    m->vlen[id] = n;
+    m->present[id] = 1;
+}
+
+static void model_free(model *m) {
+    for (int i = 0; i < NKEYS; i++) free(m->val[i]);
+}
+
+static uint64_t model_count(const model *m) {
+    uint64_t n = 0;
+    for (int i = 0; i < NKEYS; i++) n += m->present[i];
+    return n;
+}
+
+static void check_all(sc_kv *kv, const model *m) {
+    uint8_t key[64], buf[2048];
+    for (int id = 0; id < NKEYS; id++) {
+        uint64_t kl = key_of(id, key), off = 0, vl = 0;
+        int found = -1;
+        CHECK_ST(sc_kv_get(kv, key, kl, &off, &vl, &found), SC_OK);
+        CHECK(found == m->present[id]);
+        if (found && m->present[id]) {
+            CHECK(vl == m->vlen[id]);
+            if (vl == m->vlen[id] && vl <= sizeof buf) {
+                CHECK_ST(sc_kv_read(kv, off, buf, vl), SC_OK);
+                CHECK(memcmp(buf, m->val[id], vl) == 0);
+            }
+        }
+    }
+    sc_kv_stats s;
+    CHECK_ST(sc_kv_stat(kv, &s), SC_OK);
+    CHECK(s.count == model_count(m));
+    /* iteration visits each key once */
+    sc_kv_cursor cur = {0, 0};
+    sc_kv_entry ent[37];
+    uint64_t n, total = 0;
+    do {
+        CHECK_ST(sc_kv_scan(kv, &cur, ent, 37, &n), SC_OK);
+        total += n;
+    } while (n == 37);
+    CHECK(total == s.count);
+}
+
+static void test_model(void) {
+    sc_store *s;
+    REQUIRE(sc_store_open(NULL, 4u << 20, 4096, &s) == SC_OK);
+    sc_kv *kv;
+    REQUIRE(sc_kv_open(s, 0, 4u << 20, 0, 0, &kv) == SC_OK);
+    model *m = calloc(1, sizeof *m);
+    uint8_t key[64], val[1500];
+    int present;
+    CHECK_ST(sc_kv_probe(kv, &present), SC_OK);
+    CHECK(present == 0);
+    uint64_t snap = 0;
+    model *snap_model = NULL;
+    for (int step = 0; step < 40000; step++) {
+        int op = (int)below(100), id = (int)below(NKEYS);
+        uint64_t kl = key_of(id, key);
+        if (op < 55) {
+            uint32_t vl = (uint32_t)(below(10) == 0 ? below(1500) : below(120));
+            make_value(val, vl);
+            CHECK_ST(sc_kv_put(kv, key, kl, val, vl), SC_OK);
+            model_set(m, id, val, vl);
+        } else if (op < 80) {
+            int found = -1;
+            CHECK_ST(sc_kv_delete(kv, key, kl, &found), SC_OK);
+            CHECK(found == m->present[id]);
+            m->present[id] = 0;
+        } else if (op < 90) {
+            /* batch put of 1..50 items (repeats allowed: last wins) */
+            enum { B = 50 };
+            static uint8_t kbuf[B][64], vbuf[B][200];
+            sc_kv_buf ks[B], vs[B];
+            int nb = 1 + (int)below(B);
+            for (int i = 0; i < nb; i++) {
+                int bid = (int)below(NKEYS);
+                ks[i].len = key_of(bid, kbuf[i]);
+                ks[i].ptr = kbuf[i];
+                vs[i].len = below(200);
+                make_value(vbuf[i], (uint32_t)vs[i].len);
+                vs[i].ptr = vbuf[i];
+                model_set(m, bid, vbuf[i], (uint32_t)vs[i].len);
+            }
+            uint64_t failed;
+            CHECK_ST(sc_kv_put_many(kv, ks, vs, (uint64_t)nb, &failed), SC_OK);
+        } else if (op < 95) {
+            enum { B = 40 };
+            static uint8_t kbuf[B][64];
+            sc_kv_buf ks[B];
+            int nb = 1 + (int)below(B), expect = 0;
+            uint8_t seen[NKEYS] = {0};
+            for (int i = 0; i < nb; i++) {
+                int bid = (int)below(NKEYS);
+                ks[i].len = key_of(bid, kbuf[i]);
+                ks[i].ptr = kbuf[i];
+                if (m->present[bid] && !seen[bid]) expect++;
+                seen[bid] = 1;
+                m->present[bid] = 0;
+            }
+            uint64_t deleted;
+            CHECK_ST(sc_kv_delete_many(kv, ks, (uint64_t)nb, &deleted), SC_OK);
+            CHECK(deleted == (uint64_t)expect);
+        } else if (op < 97 && below(8) == 0) {
+            /* snapshot: a view must keep reading the state as of the snapshot */
+            if (snap) {
+                sc_kv *view;
+                REQUIRE(sc_kv_open(s, 0, 4u << 20, snap, 0, &view) == SC_OK);
+                check_all(view, snap_model);
+                verify_ok(view);
+                CHECK_ST(sc_kv_put(view, key, kl, val, 1), SC_KV_READONLY);
+                sc_kv_close(view);
+                sc_snapshot_release(s, snap);
+                model_free(snap_model);
+                free(snap_model);
+            }
+            REQUIRE(sc_snapshot_take(s, &snap) == SC_OK);
+            snap_model = calloc(1, sizeof *snap_model);
+            for (int i = 0; i < NKEYS; i++)
+                if (m->present[i]) model_set(snap_model, i, m->val[i], m->vlen[i]);
+        } else {
+            uint64_t off, vl;
+            int found;
+            CHECK_ST(sc_kv_get(kv, key, kl, &off, &vl, &found), SC_OK);
+            CHECK(found == m->present[id]);
+        }
+        if (step % 4000 == 0) {
+            verify_ok(kv);
+            check_all(kv, m);
+        }
+    }
+    verify_ok(kv);
+    check_all(kv, m);
+    /* batch get agrees with single gets */
+    {
+        enum { B = 500 };
+        static uint8_t kbuf[B][64];
+        sc_kv_buf ks[B];
+        uint64_t offs[B], lens[B];
+        for (int i = 0; i < B; i++) {
+            ks[i].len = key_of(i * 5, kbuf[i]);
+            ks[i].ptr = kbuf[i];
+        }
+        CHECK_ST(sc_kv_get_many(kv, ks, B, offs, lens), SC_OK);
+        for (int i = 0; i < B; i++) {
+            CHECK((lens[i] != UINT64_MAX) == m->present[i * 5]);
+            if (lens[i] != UINT64_MAX) CHECK(lens[i] == m->vlen[i * 5]);
+        }
+    }
+    sc_kv_stats st;
+    CHECK_ST(sc_kv_stat(kv, &st), SC_OK);
+    CHECK(st.splits > 0);
+    CHECK_ST(sc_kv_clear(kv), SC_OK);
+    CHECK_ST(sc_kv_stat(kv, &st), SC_OK);
+    CHECK(st.count == 0);
+    verify_ok(kv);
+    if (snap) {
+        sc_snapshot_release(s, snap);
+        model_free(snap_model);
+        free(snap_model);
+    }
+    model_free(m);
+    free(m);
+    sc_kv_close(kv);
+    sc_store_close(s);
+}
+
+/* ---- full store: nothing half-written ------------------------------------------------------- */
+static uint64_t map_digest(sc_kv *kv, uint64_t *count) {
+    sc_kv_cursor cur = {0, 0};
+    sc_kv_entry ent[64];
+    uint64_t n, d = 0;
+    *count = 0;
+    uint8_t buf[4096];
+    do {
+        if (sc_kv_scan(kv, &cur, ent, 64, &n) != SC_OK) return 0;
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t h[2];
+            sc_kv_read(kv, ent[i].key_off, buf, ent[i].klen);
+            uint64_t kh = sc_kv_hash(buf, ent[i].klen);
+            sc_kv_read(kv, ent[i].val_off, buf, ent[i].vlen);
+            sc_murmur3_128(buf, ent[i].vlen, (uint32_t)kh, h);
+            d += h[0] ^ kh;  /* order-independent */
+        }
+        *count += n;
+    } while (n == 64);
+    return d;
+}
+
+static void test_full(void) {
+    sc_store *s;
+    uint64_t size = 256u << 10;
+    REQUIRE(sc_store_open(NULL, size, 4096, &s) == SC_OK);
+    sc_kv *kv;
+    REQUIRE(sc_kv_open(s, 0, size, 0, 0, &kv) == SC_OK);
+    uint8_t key[16], val[3000];
+    int i = 0, st = SC_OK;
+    for (; i < 100000; i++) {
+        memcpy(key, &i, 4);
+        memset(key + 4, 'k', 12);
+        make_value(val, 100);
+        st = sc_kv_put(kv, key, 16, val, 100);
+        if (st != SC_OK) break;
+    }
+    CHECK_ST(st, SC_KV_FULL);
+    verify_ok(kv);
+    uint64_t c0, d0 = map_digest(kv, &c0);
+    CHECK(c0 == (uint64_t)i);
+    /* a failing single put changes nothing visible */
+    memcpy(key, &i, 4);
+    CHECK_ST(sc_kv_put(kv, key, 16, val, 2900), SC_KV_FULL);
+    int zero = 0;
+    memcpy(key, &zero, 4);
+    CHECK_ST(sc_kv_put(kv, key, 16, val, 2900), SC_KV_FULL);  /* overwrite that cannot fit */
+    uint64_t c1, d1 = map_digest(kv, &c1);
+    CHECK(c1 == c0 && d1 == d0);
+    verify_ok(kv);
+    /* free some room, then a batch that overwrites, inserts and runs out part-way */
+    for (int j = 0; j < i; j += 3) {
+        int found;
+        memcpy(key, &j, 4);
+        CHECK_ST(sc_kv_delete(kv, key, 16, &found), SC_OK);
+    }
+    verify_ok(kv);
+    c0 = 0;
+    d0 = map_digest(kv, &c0);
+    enum { B = 400 };
+    static uint8_t kb[B][16], vb[B][300];
+    sc_kv_buf ks[B], vs[B];
+    for (int j = 0; j < B; j++) {
+        int id = j % 3 == 0 ? j + 1 : 200000 + j; /* overwrites of live keys, then new keys */
+        memcpy(kb[j], &id, 4);
+        memset(kb[j] + 4, 'k', 12);
+        ks[j] = (sc_kv_buf){kb[j], 16};
+        uint64_t vl = j % 2 ? 100 : 300;  /* same size: in place; bigger: replaced */
+        make_value(vb[j], (uint32_t)vl);
+        vs[j] = (sc_kv_buf){vb[j], vl};
+    }
+    uint64_t failed = 0;
+    CHECK_ST(sc_kv_put_many(kv, ks, vs, B, &failed), SC_KV_FULL);
+    CHECK(failed < B);
+    c1 = 0;
+    d1 = map_digest(kv, &c1);
+    CHECK(c1 == c0 && d1 == d0);
+    verify_ok(kv);
+    /* a batch that fits succeeds (300-byte values cannot use the 144-byte holes) */
+    for (int j = 0; j < 20; j++) vs[j].len = 100;
+    CHECK_ST(sc_kv_put_many(kv, ks, vs, 20, &failed), SC_OK);
+    verify_ok(kv);
+    sc_kv_close(kv);
+    sc_store_close(s);
+}
+
+/* ---- fuzz: damaged bytes never crash --------------------------------------------------------- */
+static void test_fuzz(void) {
+    uint64_t size = 512u << 10;
+    for (int round = 0; round < 300; round++) {
+        sc_store *s;
+        REQUIRE(sc_store_open(NULL, size, 4096, &s) == SC_OK);
+        sc_kv *kv;
+        REQUIRE(sc_kv_open(s, 0, size, 0, 0, &kv) == SC_OK);
+        uint8_t key[40], val[300];
+        for (int i = 0; i < 600; i++) {
+            uint64_t kl = key_of(i, key);
+            make_value(val, (uint32_t)below(300));
+            sc_kv_put(kv, key, kl, val, below(300));
+        }
+        for (int i = 0; i < 600; i += 4) {
+            int f;
+            uint64_t kl = key_of(i, key);
+            sc_kv_delete(kv, key, kl, &f);
+        }
+        sc_kv_stats st;
+        sc_kv_stat(kv, &st);
+        /* damage: flip random bytes, mostly in the used part of the region */
+        int flips = 1 + (int)below(8);
+        for (int f = 0; f < flips; f++) {
+            uint64_t at = below(10) < 3 ? below(2560) : below(size - st.wilderness_bytes);
+            uint8_t b;
+            sc_store_read(s, at, &b, 1);
+            b ^= (uint8_t)(1u << below(8));
+            if (below(4) == 0) b = (uint8_t)rnd();
+            sc_store_write(s, at, &b, 1);
+        }
+        char msg[200];
+        sc_kv_verify(kv, msg, sizeof msg);
+        for (int i = 0; i < 800; i++) {
+            uint64_t kl = key_of((int)below(800), key), off, vl;
+            int found, op = (int)below(4);
+            if (op == 0) {
+                if (sc_kv_get(kv, key, kl, &off, &vl, &found) == SC_OK && found) {
+                    uint8_t buf[400];
+                    if (vl <= sizeof buf) CHECK_ST(sc_kv_read(kv, off, buf, vl), SC_OK);
+                }
+            } else if (op == 1) {
+                sc_kv_put(kv, key, kl, val, below(300));
+            } else if (op == 2) {
+                sc_kv_delete(kv, key, kl, &found);
+            } else {
+                sc_kv_cursor cur = {0, 0};
+                sc_kv_entry ent[16];
+                uint64_t n;
+                int guard = 0;
+                while (sc_kv_scan(kv, &cur, ent, 16, &n) == SC_OK && n == 16 && guard++ < 1000) {}
+            }
+        }
+        sc_kv_verify(kv, msg, sizeof msg);
+        sc_kv_close(kv);
+        sc_store_close(s);
+    }
+}
+
+/* ---- arguments ----------------------------------------------------------------------------------- */
+static void test_args(void) {
+    sc_store *s;
+    REQUIRE(sc_store_open(NULL, 64u << 10, 4096, &s) == SC_OK);
+    sc_kv *kv;
+    CHECK_ST(sc_kv_open(s, 100, 8192, 0, 0, &kv), SC_EINVAL);      /* unaligned base */
+    CHECK_ST(sc_kv_open(s, 0, 4096, 0, 0, &kv), SC_EINVAL);        /* too small */
+    CHECK_ST(sc_kv_open(s, 32768, 65536, 0, 0, &kv), SC_EINVAL);   /* past the end */
+    CHECK_ST(sc_kv_open(s, 0, 65536, 0, 1u << 30, &kv), SC_OK);
+    uint8_t k = 1;
+    CHECK_ST(sc_kv_put(kv, &k, 1, &k, 1), SC_KV_FULL);             /* capacity too large */
+    sc_kv_close(kv);
+    CHECK_ST(sc_kv_open(s, 0, 65536, 0, 0, &kv), SC_OK);
+    CHECK_ST(sc_kv_put(kv, &k, SC_KV_MAX_KEY + 1ull, &k, 1), SC_EINVAL);
+    CHECK_ST(sc_kv_put(kv, &k, 1, &k, SC_KV_MAX_VALUE + 1ull), SC_EINVAL);
+    /* a region with data but no header is refused */
+    sc_store_write(s, 40000, "x", 1);
+    CHECK_ST(sc_kv_put(kv, &k, 1, &k, 1), SC_KV_NOT_EMPTY);
+    sc_kv_close(kv);
+    CHECK_ST(sc_kv_open(s, 0, 32768, 0, 0, &kv), SC_OK);
+    CHECK_ST(sc_kv_put(kv, &k, 1, &k, 1), SC_OK);
+    sc_kv_close(kv);
+    /* the same region opened with another length: its header disagrees */
+    CHECK_ST(sc_kv_open(s, 0, 16384, 0, 0, &kv), SC_OK);
+    int present;
+    CHECK_ST(sc_kv_probe(kv, &present), SC_ECORRUPT);
+    sc_kv_close(kv);
+    sc_store_close(s);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1) g_rng = strtoull(argv[1], NULL, 0);
+    struct { const char *name; void (*fn)(void); } tests[] = {
+        {"args", test_args}, {"model", test_model}, {"full", test_full}, {"fuzz", test_fuzz},
+    };
+    int passed = 0, failed = 0;
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+        long before = g_failures;
+        clock_t t0 = clock();
+        tests[i].fn();
+        fprintf(stderr, "%s: %.1f s\n", tests[i].name, (double)(clock() - t0) / CLOCKS_PER_SEC);
+        if (g_failures == before) passed++;
+        else {
+            failed++;
+            fprintf(stderr, "FAILED: %s\n", tests[i].name);
+        }
+        printf("%s: %s\n", tests[i].name, g_failures == before ? "ok" : "FAILED");
+    }
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed != 0;
+}

@@ -1,0 +1,21 @@
+"""The .pyi stubs of the extension modules match the runtime (mypy.stubtest)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mypy.stubtest  # noqa: F401  (in the test extra: a missing mypy fails, not skips)
+
+ALLOWLIST = Path(__file__).with_name("stubtest_allowlist.txt")
+
+
+def test_stubtest_extension_modules():
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "statecore._core", "statecore._kv",
+         "--allowlist", str(ALLOWLIST)],
+        capture_output=True, text=True, timeout=300,
+    )
+    if proc.returncode != 0:
+        print(proc.stdout)
+        print(proc.stderr, file=sys.stderr)
+    assert proc.returncode == 0, f"stubtest failed:\n{proc.stdout}\n{proc.stderr}"

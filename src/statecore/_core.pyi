@@ -1,7 +1,7 @@
 """Type stubs for statecore._core (src/statecore/_core.pyx), checked by mypy.stubtest."""
 
 import os
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NoReturn, Optional, Union
 
 import numpy as np
 from typing_extensions import Buffer, disjoint_base
@@ -20,6 +20,7 @@ KIND_CHECKPOINT: int
 _CorruptFactory = Callable[[str], BaseException]
 
 def _after_fork_in_child() -> None: ...
+def _raise_status(st: int, what: str, corrupt: Optional[_CorruptFactory] = ...) -> NoReturn: ...
 def page_checksum(data: _BufferLike) -> int: ...
 def parse(source: _BufferLike, kind: int, verify_pages: bool, corrupt: _CorruptFactory) -> DeltaView: ...
 

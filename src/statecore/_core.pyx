@@ -63,6 +63,11 @@ cdef int raise_status(sc_status st, str what, object corrupt=None) except -1:
     raise errors.StateError(msg)
 
 
+def _raise_status(int st, str what, object corrupt=None):
+    """The same map for sibling extension modules (statecore._kv), so there is one."""
+    raise_status(<sc_status>st, what, corrupt)
+
+
 cdef inline int check(sc_status st, str what, object corrupt=None) except -1:
     if st != SC_OK:
         raise_status(st, what, corrupt)

@@ -20,7 +20,7 @@ from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
-from statecore import errors
+from statecore import _core, errors
 from statecore._args import byte_view
 
 cdef extern from "statecore.h" nogil:
@@ -102,20 +102,12 @@ cdef int raise_kv(int st, str what) except -1:
                          "region (offset=, size=), or zero the region first")
     if st == SC_KV_READONLY:
         raise TypeError(f"{what}: this KVStore is a read-only view")
-    if st == SC_EINVAL:
-        raise ValueError(msg)
-    if st == SC_ERANGE:
-        raise IndexError(msg)
-    if st == SC_ENOMEM:
-        raise MemoryError(msg)
     if st == SC_ECORRUPT:
         raise CorruptKV(msg + " (the map's structure in the store is damaged; "
                         "KVStore.verify() describes it)")
-    if st == SC_EFORMAT:
-        raise errors.UnsupportedFormat(msg)
-    if st == SC_ENOSNAP:
-        raise errors.SnapshotReleased(msg)
-    raise errors.StateError(msg)
+    # Every status the core shares: its one map in _core.
+    _core._raise_status(st, what, CorruptKV)
+    return -1
 
 
 cdef inline int check(int st, str what) except -1:

@@ -231,3 +231,17 @@ def differing_pages(a: Any, b: Any, page_size: int) -> list:
     x = np.frombuffer(bytes(a), dtype=np.uint8).reshape(-1, page_size)
     y = np.frombuffer(bytes(b), dtype=np.uint8).reshape(-1, page_size)
     return np.flatnonzero((x != y).any(axis=1)).tolist()
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    """Deterministic random bytes."""
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def filled(store: Any, seed: int = 1) -> "StoreModel":
+    """Fill the store with random bytes in one write; the model that matches it."""
+    model = StoreModel(store.size, store.page_size)
+    data = pattern(store.size, seed)
+    store.write(0, data)
+    model.write(0, data)
+    return model

@@ -14,24 +14,13 @@ import pytest
 
 import statecore as sc
 
-from model import StoreModel, assert_same_state
+from model import StoreModel, assert_same_state, filled, pattern
 
 PAGE = 4096
 N_PAGES = 16
 SIZE = PAGE * N_PAGES
 HEADER = 128
 
-
-def pattern(n: int, seed: int = 0) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-def filled(store: sc.Store, seed: int = 1) -> StoreModel:
-    model = StoreModel(store.size, store.page_size)
-    data = pattern(store.size, seed)
-    store.write(0, data)
-    model.write(0, data)
-    return model
 
 
 # ---- epochs ------------------------------------------------------------------------------

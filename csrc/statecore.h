@@ -217,6 +217,12 @@ typedef struct sc_progress {
  * progress may be NULL. */
 sc_status sc_checkpoint_save(sc_store *s, uint64_t epoch, int fd, uint64_t *bytes_out,
                              sc_progress *progress);
+/* Restore a checkpoint parsed without page verification into an empty store (no page ever
+ * written, no snapshot): every page is verified as it is copied. On SC_ECORRUPT *bad_page
+ * is the first failing entry and the store is empty again. Moves the epoch past the
+ * checkpoint's. progress may be NULL. */
+sc_status sc_checkpoint_restore(sc_store *s, const sc_delta_view *v, uint64_t *bad_page,
+                                sc_progress *progress);
 /* Set the store's epoch (after restoring a checkpoint into a fresh store). */
 void sc_store_set_epoch(sc_store *s, uint64_t epoch);
 

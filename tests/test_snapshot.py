@@ -502,6 +502,41 @@ def test_corrupt_payload_byte_names_the_page(store, tmp_path, entry, byte):
     assert not (tmp_path / "into.store").exists()
 
 
+@pytest.mark.parametrize("into_path", [False, True], ids=["anonymous", "path"])
+def test_a_failed_restore_leaves_the_store_empty(store, tmp_path, into_path):
+    # Pages are verified as they are copied, so the first good pages are already in the
+    # store when the last one fails: the restore must wipe them again.
+    from statecore.checkpoint import read_checkpoint, restore_into
+    raw, ids = _checkpoint(store, tmp_path / "c.ckpt")
+    bad = bytearray(raw)
+    bad[-1] ^= 0x01  # the last page's last byte
+    (tmp_path / "bad.ckpt").write_bytes(bad)
+    target = sc.Store(tmp_path / "t.store" if into_path else None, size=SIZE)
+    try:
+        with pytest.raises(sc.CorruptCheckpoint, match=rf"page {ids[-1]}\b"):
+            restore_into(target, read_checkpoint(tmp_path / "bad.ckpt", verify_pages=False),
+                         tmp_path / "bad.ckpt")
+        assert target.read(0, SIZE) == bytes(SIZE)
+        assert target.epoch == 1 and target.stats()["dirty_pages"] == 0
+        # Still empty, so the good checkpoint restores into it: what recovery's fallback does.
+        restore_into(target, read_checkpoint(tmp_path / "c.ckpt", verify_pages=False),
+                     tmp_path / "c.ckpt")
+        assert target.read(0, SIZE) == store.read(0, SIZE)
+    finally:
+        target.close()
+
+
+def test_restore_refuses_a_store_that_holds_state(store, tmp_path):
+    from statecore.checkpoint import read_checkpoint, restore_into
+    _checkpoint(store, tmp_path / "c.ckpt")
+    view = read_checkpoint(tmp_path / "c.ckpt")
+    with pytest.raises(ValueError, match="empty store"):
+        restore_into(store, view, tmp_path / "c.ckpt")
+    with sc.Store(size=SIZE) as other, other.snapshot():
+        with pytest.raises(ValueError, match="empty store"):
+            restore_into(other, view, tmp_path / "c.ckpt")
+
+
 def _corruptions(raw: bytes, n: int):
     payload = HEADER + 24 * n
     for cut in (1, 8, 64, HEADER - 1, HEADER, HEADER + 8, payload - 1, payload,

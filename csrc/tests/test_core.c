@@ -1174,6 +1174,31 @@ static void test_checkpoint(void) {
     sc_store_set_epoch(b, 1); /* never goes back */
     CHECK_EQ_U64(sc_store_epoch(b), sn->epoch + 1);
     CHECK(memcmp(sc_store_data(b), sn->bytes, a.size) == 0);
+    /* sc_checkpoint_restore wants an empty store. */
+    CHECK_ST(sc_checkpoint_restore(b, &v, &bad, NULL), SC_EINVAL);
+    sc_store_close(b);
+
+    /* Restore, verifying as it copies: a bad last page leaves the store empty ... */
+    CHECK_ST(sc_store_open(NULL, a.size, 1024, &b), SC_OK);
+    REQUIRE(b);
+    CHECK_ST(sc_delta_parse(buf, len, SC_KIND_CHECKPOINT, 0, &v, &bad), SC_OK);
+    buf[len - 1] ^= 0x04;
+    CHECK_ST(sc_checkpoint_restore(b, &v, &bad, NULL), SC_ECORRUPT);
+    CHECK_EQ_U64(bad, v.header.n_pages - 1);
+    buf[len - 1] ^= 0x04;
+    uint8_t *zeros = calloc(1, a.size);
+    REQUIRE(zeros);
+    CHECK(memcmp(sc_store_data(b), zeros, a.size) == 0);
+    CHECK_EQ_U64(sc_store_epoch(b), 1);
+    CHECK_EQ_U64(sc_store_dirty_count(b), 0);
+    free(zeros);
+    /* ... so the good one restores into it afterwards, with versions and epoch. */
+    prog = (sc_progress){0, 0};
+    CHECK_ST(sc_checkpoint_restore(b, &v, &bad, &prog), SC_OK);
+    CHECK_EQ_U64(atomic_load(&prog.done), atomic_load(&prog.total));
+    CHECK(memcmp(sc_store_data(b), sn->bytes, a.size) == 0);
+    CHECK_EQ_U64(sc_store_epoch(b), sn->epoch + 1);
+    for (uint64_t p = 0; p < a.n; p++) CHECK_EQ_U64(sc_store_page_version(b, p), sn->ver[p]);
     sc_store_close(b);
 
     /* Truncated anywhere, or one bit off anywhere: refused. */

@@ -130,6 +130,8 @@ cdef extern from "statecore.h" nogil:
 
     sc_status sc_checkpoint_save(sc_store *s, uint64_t epoch, int fd, uint64_t *bytes_out,
                                  sc_progress *progress)
+    sc_status sc_checkpoint_restore(sc_store *s, const sc_delta_view *v, uint64_t *bad_page,
+                                    sc_progress *progress)
     sc_status sc_replay_progress(sc_store *s, const sc_delta_view *views,
                                  const uint8_t *const *payloads, uint64_t k, int allow_gap,
                                  int threads, sc_replay_result *out, sc_progress *progress)

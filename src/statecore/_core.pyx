@@ -9,7 +9,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.pycapsule cimport PyCapsule_New
 from libc.errno cimport errno
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport UINT64_MAX, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -644,6 +644,26 @@ cdef class StoreCore:
         finally:
             self._leave()
         return nbytes
+
+    def _restore(self, DeltaView dv not None, object corrupt, Progress progress=None):
+        """Verify-and-copy a checkpoint parsed without page checks into this empty store."""
+        cdef uint64_t bad = UINT64_MAX
+        cdef sc_status st
+        cdef sc_progress *p = &progress.p if progress is not None else NULL
+        if dv.payload == NULL:
+            raise ValueError("checkpoint has no pages attached")
+        self._enter()
+        try:
+            with nogil:
+                st = sc_checkpoint_restore(self._s, &dv.v, &bad, p)
+            if st == SC_ECORRUPT and bad < dv.v.header.n_pages:
+                raise corrupt(f"checksum mismatch in page {dv.v.ids[bad]} (entry {bad})")
+            if st == SC_EINVAL:
+                raise ValueError("a checkpoint restores only into an empty store "
+                                 "(no page written, no snapshot)")
+            check(st, "restore checkpoint", corrupt)
+        finally:
+            self._leave()
 
     def _capsule(self):
         """The sc_store pointer for sibling extension modules (statecore._kv). Valid while

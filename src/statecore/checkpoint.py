@@ -93,13 +93,19 @@ def open_readonly_mmap(path: "PathLike") -> mmap.mmap:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def read_checkpoint(checkpoint_path: "PathLike") -> "_core.DeltaView":
-    """Map a checkpoint file and validate it completely (every page checksum)."""
+def read_checkpoint(checkpoint_path: "PathLike", verify_pages: bool = True
+                    ) -> "_core.DeltaView":
+    """Map a checkpoint file and validate it: header and index always, every page checksum
+    unless verify_pages is False (restore_into then checks each page as it copies it)."""
     mm = open_readonly_mmap(checkpoint_path)
     try:
-        return _core.parse(mm, _core.KIND_CHECKPOINT, True, errors.CorruptCheckpoint)
+        return _core.parse(mm, _core.KIND_CHECKPOINT, verify_pages, errors.CorruptCheckpoint)
     except errors.CorruptCheckpoint as e:
-        raise errors.CorruptCheckpoint(f"{os.fspath(checkpoint_path)!r}: {e}") from None
+        raise _naming(checkpoint_path, e) from None
+
+
+def _naming(checkpoint_path: "PathLike", e: errors.CorruptCheckpoint) -> errors.CorruptCheckpoint:
+    return errors.CorruptCheckpoint(f"{os.fspath(checkpoint_path)!r}: {e}")
 
 
 def load_checkpoint(cls: Type[S], checkpoint_path: "PathLike",
@@ -107,10 +113,10 @@ def load_checkpoint(cls: Type[S], checkpoint_path: "PathLike",
     if path is not None and os.path.exists(path) and os.path.getsize(path) > 0:
         raise FileExistsError(f"path {os.fspath(path)!r} exists: Store.load restores into a "
                               "new store file (remove it first or pick another path)")
-    view = read_checkpoint(checkpoint_path)
+    view = read_checkpoint(checkpoint_path, verify_pages=False)
     store = cls(path, size=view.store_pages * view.page_size, page_size=view.page_size)
     try:
-        restore_into(store, view)
+        restore_into(store, view, checkpoint_path)
     except BaseException:
         store.close()
         if path is not None:
@@ -119,11 +125,15 @@ def load_checkpoint(cls: Type[S], checkpoint_path: "PathLike",
     return store
 
 
-def restore_into(store: "Store", view: "_core.DeltaView") -> None:
-    """Write a validated checkpoint into an empty store and adopt its identity."""
+def restore_into(store: "Store", view: "_core.DeltaView", checkpoint_path: "PathLike") -> None:
+    """Write a checkpoint into an empty store, checking every page checksum as it goes, and
+    adopt its identity. A bad page raises CorruptCheckpoint and leaves the store empty."""
     store._begin_write()
     try:
-        store._apply(view, True)
+        try:
+            store._restore(view, errors.CorruptCheckpoint)
+        except errors.CorruptCheckpoint as e:
+            raise _naming(checkpoint_path, e) from None
         store._set_epoch(view.target_epoch + 1)
         store._set_uuid(view.store_uuid)
         store._set_schema_version(view.schema_version)

@@ -68,16 +68,17 @@ def _load_newest_checkpoint(store: "Store", directory: str, manifest: Manifest,
     for epoch in reversed(manifest.checkpoints):
         path = os.path.join(directory, checkpoint_name(epoch))
         try:
-            view = read_checkpoint(path)
+            view = read_checkpoint(path, verify_pages=False)
+            if view.store_pages * view.page_size != store.size \
+                    or view.page_size != store.page_size:
+                report.discarded.append(Discarded(os.path.basename(path),
+                                                  "made for another store size or page size"))
+                continue
+            restore_into(store, view, path)  # on a bad page the store is left empty
         except (errors.CorruptCheckpoint, OSError) as e:
             size = os.path.getsize(path) if os.path.exists(path) else 0
             report.discarded.append(Discarded(os.path.basename(path), str(e), size))
             continue
-        if view.store_pages * view.page_size != store.size or view.page_size != store.page_size:
-            report.discarded.append(Discarded(os.path.basename(path),
-                                              "made for another store size or page size"))
-            continue
-        restore_into(store, view)
         report.checkpoint_epoch = epoch
         report.replica_epoch = manifest.replica_epochs.get(str(epoch), 0)
         report.checkpoint_file = os.path.basename(path)

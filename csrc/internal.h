@@ -97,6 +97,11 @@ struct sc_store {
     uint64_t newest_snap;        /* sequence of the newest live snapshot; 0 when none */
     sc_preserved *_Atomic *preserved; /* per-page chain heads; allocated on first snapshot */
     sc_pool pool;
+    /* Preserved nodes come from blocks carved here (snapshot.c), not one malloc each. */
+    sc_preserved *free_nodes;    /* linked through next_owned */
+    void *node_blocks;           /* each block's first word links the next */
+    sc_preserved *carve_next, *carve_end;
+    uint64_t live_nodes;
 
     _Atomic uint64_t preserved_pages;
     _Atomic uint64_t pages_written;
@@ -134,6 +139,20 @@ sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t 
 /* little helpers */
 static inline uint64_t sc__load_version(const sc_store *s, uint64_t p) {
     return atomic_load_explicit(&s->versions[p], memory_order_acquire);
+}
+
+/* Counters and bitmap words that only the (serialized) writer modifies: a relaxed load and
+ * store instead of a locked read-modify-write. On x86 a locked instruction also drains the
+ * store buffer, and right after a page copy that buffer is full: the lock cost more than
+ * the copy. Readers in other threads still load these atomically. */
+static inline void sc__writer_add(_Atomic uint64_t *c, uint64_t d) {
+    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + d,
+                          memory_order_relaxed);
+}
+
+static inline void sc__writer_set_bits(_Atomic uint64_t *w, uint64_t bits) {
+    uint64_t old = atomic_load_explicit(w, memory_order_relaxed);
+    if ((old & bits) != bits) atomic_store_explicit(w, old | bits, memory_order_relaxed);
 }
 
 static inline uint64_t sc__load_stamp(const sc_store *s, uint64_t p) {

@@ -274,7 +274,7 @@ sc_status sc__prepare_page(sc_store *s, uint64_t p, uint64_t new_version) {
     if (new_version > atomic_load_explicit(&s->group_max[g], memory_order_relaxed))
         atomic_store_explicit(&s->group_max[g], new_version, memory_order_release);
     if (new_version > s->dirty_base)
-        atomic_fetch_or_explicit(&s->dirty[g], 1ull << (p & 63), memory_order_relaxed);
+        sc__writer_set_bits(&s->dirty[g], 1ull << (p & 63));
     return SC_OK;
 }
 
@@ -296,7 +296,7 @@ sc_status sc_store_touch_range(sc_store *s, uint64_t offset, uint64_t len) {
         sc_status st = sc__prepare_page(s, p, e);
         if (st) return st;
     }
-    atomic_fetch_add_explicit(&s->pages_written, last - first + 1, memory_order_relaxed);
+    sc__writer_add(&s->pages_written, last - first + 1);
     sc_store_publish(s);
     return SC_OK;
 }
@@ -309,7 +309,7 @@ sc_status sc_store_touch_pages(sc_store *s, const uint64_t *ids, uint64_t n) {
         sc_status st = sc__prepare_page(s, ids[i], e);
         if (st) return st;
     }
-    atomic_fetch_add_explicit(&s->pages_written, n, memory_order_relaxed);
+    sc__writer_add(&s->pages_written, n);
     sc_store_publish(s);
     return SC_OK;
 }
@@ -339,7 +339,7 @@ sc_status sc_store_touch_rows(sc_store *s, const int64_t *idx, uint64_t n, uint6
             touched++;
         }
     }
-    atomic_fetch_add_explicit(&s->pages_written, touched, memory_order_relaxed);
+    sc__writer_add(&s->pages_written, touched);
     sc_store_publish(s);
     return SC_OK;
 }

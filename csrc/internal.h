@@ -8,38 +8,62 @@
 
 #include "statecore.h"
 
-/* Old content of one page, kept for the live snapshots whose sequence number S satisfies
- * stamp <= S < until. Chains are newest first. `version` is the content's epoch (what
+/* A preserved page: the old content of one page, kept for the live snapshots whose
+ * sequence number S satisfies stamp <= S < until. Named by a 32-bit id (0: none); its
+ * content is a slot of the store's page pool and its fields live in arrays beside that
+ * slot's chunk (pool.c). Chains are newest first. `version` is the content's epoch (what
  * deltas carry); stamp/until are local write sequence numbers (what snapshots see). */
-typedef struct sc_preserved {
-    struct sc_preserved *_Atomic next_in_page;
-    struct sc_preserved *next_owned;   /* list of the snapshot that answers for it */
-    uint64_t page;
-    uint64_t version;
-    uint64_t stamp;
-    uint64_t until;
-    uint8_t *data;                     /* a slot of the store's page pool */
-} sc_preserved;
+typedef uint32_t sc_node;
 
-typedef struct sc_chunk sc_chunk;
+#define SC_NODE_META_BYTES (3 * 8 + 3 * 4) /* version, stamp, until; page, two links */
 
-/* Page-sized slots for preserved copies (pool.c). */
+typedef struct sc_chunk {
+    uint8_t *base;                 /* chunk_size bytes of page slots */
+    struct sc_chunk *prev, *next;  /* in the pool's list of chunks with free slots */
+    uint32_t id;
+    uint32_t free_head;            /* 1 + first free slot, chained through next_owned */
+    uint32_t live;
+    uint32_t carved;               /* slots handed out at least once (bump allocation) */
+    bool listed;
+    uint64_t *version, *stamp, *until;
+    uint32_t *page;
+    uint32_t *next_owned;          /* list of the snapshot that answers for the node */
+    _Atomic uint32_t *next_in_page;
+} sc_chunk;
+
+/* Page-sized slots for preserved copies, and their nodes (pool.c). */
 typedef struct sc_pool {
-    uint32_t page_size;
-    uint32_t slots_per_chunk;
+    uint32_t page_size, page_shift;
+    uint32_t slot_shift;     /* log2 of slots per chunk */
+    uint32_t leaf_shift;     /* log2 of chunks per directory leaf */
+    uint32_t max_chunks, next_id;
     uint64_t chunk_size;
     uint64_t chunks;
-    sc_chunk *partial;   /* chunks with a free slot */
+    sc_chunk ***dir;         /* chunk id -> chunk, in leaves that never move */
+    sc_chunk *partial;       /* chunks with a free slot */
     /* Empty chunks, lazily freed (MADV_FREE): the next snapshot reuses them without
      * faulting and zeroing fresh memory, and the kernel reclaims them under pressure. */
-    void **empty;
+    sc_chunk **empty;
     uint64_t n_empty, cap_empty;
 } sc_pool;
+
+static inline sc_chunk *sc__chunk_of(const sc_pool *p, sc_node n) {
+    uint32_t id = (n - 1) >> p->slot_shift;
+    return p->dir[id >> p->leaf_shift][id & ((1u << p->leaf_shift) - 1)];
+}
+
+static inline uint32_t sc__slot_of(const sc_pool *p, sc_node n) {
+    return (n - 1) & ((1u << p->slot_shift) - 1);
+}
+
+static inline uint8_t *sc__node_data(const sc_chunk *c, const sc_pool *p, uint32_t slot) {
+    return c->base + ((uint64_t)slot << p->page_shift);
+}
 
 typedef struct sc_snap {
     uint64_t epoch;  /* the epoch it closed: how callers name it */
     uint64_t seq;    /* the write sequence it closed: what it reads by */
-    sc_preserved *owned;
+    sc_node owned;   /* first node of the list it answers for */
 } sc_snap;
 
 /* File layout of a path-backed store: [header 4096][data size][versions 8*n_pages]. */
@@ -95,13 +119,8 @@ struct sc_store {
     uint64_t n_snaps;
     uint64_t cap_snaps;
     uint64_t newest_snap;        /* sequence of the newest live snapshot; 0 when none */
-    sc_preserved *_Atomic *preserved; /* per-page chain heads; allocated on first snapshot */
+    _Atomic sc_node *preserved;  /* per-page chain heads; allocated on first snapshot */
     sc_pool pool;
-    /* Preserved nodes come from blocks carved here (snapshot.c), not one malloc each. */
-    sc_preserved *free_nodes;    /* linked through next_owned */
-    void *node_blocks;           /* each block's first word links the next */
-    sc_preserved *carve_next, *carve_end;
-    uint64_t live_nodes;
 
     _Atomic uint64_t preserved_pages;
     _Atomic uint64_t pages_written;
@@ -116,8 +135,8 @@ void sc__persist_header(sc_store *s);
 
 /* pool.c */
 void sc__pool_init(sc_pool *p, uint32_t page_size);
-void *sc__pool_alloc(sc_pool *p);
-void sc__pool_free(sc_pool *p, void *slot);
+sc_node sc__pool_alloc(sc_pool *p); /* 0: out of memory or ids */
+void sc__pool_free(sc_pool *p, sc_node n);
 void sc__pool_destroy(sc_pool *p);
 
 /* snapshot.c */

@@ -59,7 +59,7 @@ sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out) {
         s->cap_snaps = cap;
     }
     uint64_t e = atomic_load(&s->epoch), q = atomic_load(&s->seq);
-    s->snaps[s->n_snaps++] = (sc_snap){.epoch = e, .seq = q, .owned = NULL};
+    s->snaps[s->n_snaps++] = (sc_snap){.epoch = e, .seq = q, .owned = 0};
     s->newest_snap = q;
     atomic_store(&s->seq, q + 1);
     atomic_store(&s->epoch, e + 1);
@@ -69,86 +69,48 @@ sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out) {
     return SC_OK;
 }
 
-/* ---- node blocks ----------------------------------------------------------------------
- * One preserved page costs a node; a malloc and a free each came to a fifth of a preserved
- * write. Nodes are carved from blocks instead and recycled through a free list; the blocks
- * go back to malloc when the last node is freed (no snapshot holds a preserved page). */
-#define NODES_PER_BLOCK 1024u
-#define NODE_BLOCK_HEADER 64u /* keeps the nodes after the link word 64-byte aligned */
-
-static sc_preserved *node_alloc(sc_store *s) {
-    sc_preserved *n = s->free_nodes;
-    if (n) {
-        s->free_nodes = n->next_owned;
-    } else {
-        if (s->carve_next == s->carve_end) {
-            uint8_t *block = malloc(NODE_BLOCK_HEADER + NODES_PER_BLOCK * sizeof *n);
-            if (!block) return NULL;
-            *(void **)block = s->node_blocks;
-            s->node_blocks = block;
-            s->carve_next = (sc_preserved *)(block + NODE_BLOCK_HEADER);
-            s->carve_end = s->carve_next + NODES_PER_BLOCK;
-        }
-        n = s->carve_next++;
-    }
-    s->live_nodes++;
-    return n;
-}
-
-static void node_blocks_free(sc_store *s) {
-    for (void *b = s->node_blocks; b;) {
-        void *next = *(void **)b;
-        free(b);
-        b = next;
-    }
-    s->node_blocks = NULL;
-    s->free_nodes = s->carve_next = s->carve_end = NULL;
-    s->live_nodes = 0;
-}
-
-static void node_free(sc_store *s, sc_preserved *n) {
-    n->next_owned = s->free_nodes;
-    s->free_nodes = n;
-    if (--s->live_nodes == 0) node_blocks_free(s);
-}
-
 sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp,
                             uint64_t until) {
-    sc_preserved *node = node_alloc(s);
-    if (!node) return SC_ENOMEM;
-    node->data = sc__pool_alloc(&s->pool);
-    if (!node->data) { node_free(s, node); return SC_ENOMEM; }
-    memcpy(node->data, s->data + (page << s->page_shift), s->page_size);
-    node->page = page;
-    node->version = version;
-    node->stamp = stamp;
-    node->until = until;
+    sc_pool *p = &s->pool;
+    sc_node n = sc__pool_alloc(p);
+    if (!n) return SC_ENOMEM;
+    sc_chunk *c = sc__chunk_of(p, n);
+    uint32_t i = sc__slot_of(p, n);
+    memcpy(sc__node_data(c, p, i), s->data + (page << s->page_shift), s->page_size);
+    c->page[i] = (uint32_t)page; /* sc_store_open caps stores at 2^32 pages */
+    c->version[i] = version;
+    c->stamp[i] = stamp;
+    c->until[i] = until;
     /* Relaxed: the node is not published until the release store below (a plain
      * assignment to an _Atomic field would be a full barrier, as costly as the copy). */
-    atomic_store_explicit(&node->next_in_page,
+    atomic_store_explicit(&c->next_in_page[i],
                           atomic_load_explicit(&s->preserved[page], memory_order_relaxed),
                           memory_order_relaxed);
     /* The newest snapshot is the one that needs it (stamp <= newest < until). */
     sc_snap *owner = &s->snaps[s->n_snaps - 1];
-    node->next_owned = owner->owned;
-    owner->owned = node;
-    atomic_store_explicit(&s->preserved[page], node, memory_order_release);
+    c->next_owned[i] = owner->owned;
+    owner->owned = n;
+    atomic_store_explicit(&s->preserved[page], n, memory_order_release);
     sc__writer_add(&s->preserved_pages, 1);
     sc__writer_add(&s->pages_preserved_total, 1);
     return SC_OK;
 }
 
-static void unlink_and_free(sc_store *s, sc_preserved *node) {
-    sc_preserved *_Atomic *link = &s->preserved[node->page];
-    for (sc_preserved *cur = atomic_load(link); cur; cur = atomic_load(link)) {
+static void unlink_and_free(sc_store *s, sc_node node) {
+    sc_pool *p = &s->pool;
+    sc_chunk *c = sc__chunk_of(p, node);
+    uint32_t i = sc__slot_of(p, node);
+    _Atomic sc_node *link = &s->preserved[c->page[i]];
+    for (sc_node cur = atomic_load(link); cur; cur = atomic_load(link)) {
+        sc_chunk *cc = sc__chunk_of(p, cur);
+        uint32_t ci = sc__slot_of(p, cur);
         if (cur == node) {
-            atomic_store(link, atomic_load(&node->next_in_page));
+            atomic_store(link, atomic_load(&c->next_in_page[i]));
             break;
         }
-        link = &cur->next_in_page;
+        link = &cc->next_in_page[ci];
     }
-    sc__pool_free(&s->pool, node->data);
-    node_free(s, node);
+    sc__pool_free(p, node);
     sc__writer_add(&s->preserved_pages, (uint64_t)-1);
 }
 
@@ -156,17 +118,20 @@ sc_status sc_snapshot_release(sc_store *s, uint64_t epoch) {
     pthread_rwlock_wrlock(&s->chain_lock);
     sc_snap *snap = find_snap(s, epoch);
     if (!snap) { pthread_rwlock_unlock(&s->chain_lock); return SC_ENOSNAP; }
-    sc_preserved *owned = snap->owned;
+    sc_node owned = snap->owned;
     uint64_t idx = (uint64_t)(snap - s->snaps);
     memmove(snap, snap + 1, (s->n_snaps - idx - 1) * sizeof *snap);
     s->n_snaps--;
     s->newest_snap = s->n_snaps ? s->snaps[s->n_snaps - 1].seq : 0;
     /* Hand each node to another live snapshot that still reads it, or free it. */
+    sc_pool *p = &s->pool;
     while (owned) {
-        sc_preserved *next = owned->next_owned;
-        sc_snap *heir = snap_needing(s, owned->stamp, owned->until);
+        sc_chunk *c = sc__chunk_of(p, owned);
+        uint32_t i = sc__slot_of(p, owned);
+        sc_node next = c->next_owned[i];
+        sc_snap *heir = snap_needing(s, c->stamp[i], c->until[i]);
         if (heir) {
-            owned->next_owned = heir->owned;
+            c->next_owned[i] = heir->owned;
             heir->owned = owned;
         } else {
             unlink_and_free(s, owned);
@@ -178,29 +143,37 @@ sc_status sc_snapshot_release(sc_store *s, uint64_t epoch) {
 }
 
 void sc__free_all_preserved(sc_store *s) {
-    for (uint64_t i = 0; i < s->n_snaps; i++) {
-        sc_preserved *n = s->snaps[i].owned;
-        while (n) {
-            sc_preserved *next = n->next_owned;
-            sc__pool_free(&s->pool, n->data);
+    sc_pool *p = &s->pool;
+    for (uint64_t k = 0; k < s->n_snaps; k++) {
+        for (sc_node n = s->snaps[k].owned; n;) {
+            sc_node next = sc__chunk_of(p, n)->next_owned[sc__slot_of(p, n)];
+            sc__pool_free(p, n);
             n = next;
         }
     }
-    node_blocks_free(s);
     s->n_snaps = 0;
     s->newest_snap = 0;
     free((void *)s->preserved);
     s->preserved = NULL;
-    sc__pool_destroy(&s->pool);
+    sc__pool_destroy(p);
     atomic_store(&s->preserved_pages, 0);
 }
 
-/* The preserved node a snapshot at sequence `seq` reads for `page`. */
-static const sc_preserved *node_as_of(sc_store *s, uint64_t seq, uint64_t page) {
-    for (sc_preserved *n = atomic_load_explicit(&s->preserved[page], memory_order_acquire); n;
-         n = atomic_load_explicit(&n->next_in_page, memory_order_acquire))
-        if (n->stamp <= seq) return n;
-    return NULL;
+/* The preserved node a snapshot at sequence `seq` reads for `page` (0: none), and where
+ * its fields are. */
+typedef struct {
+    sc_chunk *c;
+    uint32_t i;
+} node_ref;
+
+static node_ref node_as_of(sc_store *s, uint64_t seq, uint64_t page) {
+    const sc_pool *p = &s->pool;
+    for (sc_node n = atomic_load_explicit(&s->preserved[page], memory_order_acquire); n;) {
+        node_ref r = {sc__chunk_of(p, n), sc__slot_of(p, n)};
+        if (r.c->stamp[r.i] <= seq) return r;
+        n = atomic_load_explicit(&r.c->next_in_page[r.i], memory_order_acquire);
+    }
+    return (node_ref){NULL, 0};
 }
 
 sc_status sc__read_page_as_of(sc_store *s, uint64_t seq, uint64_t page, uint8_t *dst,
@@ -216,11 +189,11 @@ sc_status sc__read_page_as_of(sc_store *s, uint64_t seq, uint64_t page, uint8_t 
         }
         /* A writer moved the page while we copied: its old content is preserved. */
     }
-    const sc_preserved *n = node_as_of(s, seq, page);
+    node_ref n = node_as_of(s, seq, page);
     /* No node while the snapshot is live cannot happen: report, never return wrong bytes. */
-    if (!n) return SC_ECORRUPT;
-    memcpy(dst, n->data, s->page_size);
-    if (version) *version = n->version;
+    if (!n.c) return SC_ECORRUPT;
+    memcpy(dst, sc__node_data(n.c, &s->pool, n.i), s->page_size);
+    if (version) *version = n.c->version[n.i];
     return SC_OK;
 }
 
@@ -230,8 +203,8 @@ uint64_t sc__version_as_of(sc_store *s, uint64_t seq, uint64_t page) {
         uint64_t v = sc__load_version(s, page);
         if (atomic_load_explicit(&s->stamps[page], memory_order_acquire) == st1) return v;
     }
-    const sc_preserved *n = node_as_of(s, seq, page);
-    return n ? n->version : 0;
+    node_ref n = node_as_of(s, seq, page);
+    return n.c ? n.c->version[n.i] : 0;
 }
 
 sc_status sc_snapshot_read_pages(sc_store *s, uint64_t epoch, const uint64_t *ids, uint64_t n,

@@ -9,13 +9,14 @@
 #include "statecore.h"
 
 /* A preserved page: the old content of one page, kept for the live snapshots whose
- * sequence number S satisfies stamp <= S < until. Named by a 32-bit id (0: none); its
+ * sequence number S satisfies stamp <= S < until, where until is the stamp of the content
+ * that replaced it (snapshot.c derives it from the chain). Named by a 32-bit id (0: none); its
  * content is a slot of the store's page pool and its fields live in arrays beside that
  * slot's chunk (pool.c). Chains are newest first. `version` is the content's epoch (what
- * deltas carry); stamp/until are local write sequence numbers (what snapshots see). */
+ * deltas carry); stamps are local write sequence numbers (what snapshots see). */
 typedef uint32_t sc_node;
 
-#define SC_NODE_META_BYTES (3 * 8 + 3 * 4) /* version, stamp, until; page, two links */
+#define SC_NODE_META_BYTES (2 * 8 + 3 * 4) /* version, stamp; page, two links */
 
 typedef struct sc_chunk {
     uint8_t *base;                 /* chunk_size bytes of page slots */
@@ -25,7 +26,7 @@ typedef struct sc_chunk {
     uint32_t live;
     uint32_t carved;               /* slots handed out at least once (bump allocation) */
     bool listed;
-    uint64_t *version, *stamp, *until;
+    uint64_t *version, *stamp;
     uint32_t *page;
     uint32_t *next_owned;          /* list of the snapshot that answers for the node */
     _Atomic uint32_t *next_in_page;
@@ -140,8 +141,7 @@ void sc__pool_free(sc_pool *p, sc_node n);
 void sc__pool_destroy(sc_pool *p);
 
 /* snapshot.c */
-sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp,
-                            uint64_t until);
+sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp);
 /* Content and version of `page` as of the snapshot with sequence `seq`; chain_lock held. */
 sc_status sc__read_page_as_of(sc_store *s, uint64_t seq, uint64_t page, uint8_t *dst,
                               uint64_t *version);

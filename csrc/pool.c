@@ -10,8 +10,8 @@
  *
  * Each slot is a node: its metadata sits in arrays beside the chunk, one entry per slot,
  * and the node is named by a 32-bit id. Arrays rather than a struct because a struct of
- * three u64 and three u32 pads to 40 bytes where the fields need 36; with the id-sized
- * chain table that keeps a snapshot's overhead under 1% of a 4 KiB page.
+ * two u64 and three u32 pads to 32 bytes where the fields need 28; with the id-sized
+ * chain table that keeps a snapshot's overhead within 1% of a 4 KiB page.
  *
  * Ids map to chunks through a two-level directory whose parts never move, so snapshot
  * readers in other threads can follow ids while the writer adds chunks. Writer-side only
@@ -102,8 +102,7 @@ static sc_chunk *chunk_new(sc_pool *p) {
     uint8_t *meta = (uint8_t *)(c + 1);
     c->version = (uint64_t *)meta;
     c->stamp = c->version + slots;
-    c->until = c->stamp + slots;
-    c->page = (uint32_t *)(c->until + slots);
+    c->page = (uint32_t *)(c->stamp + slots);
     c->next_owned = c->page + slots;
     c->next_in_page = (_Atomic uint32_t *)(c->next_owned + slots);
     c->id = p->next_id++;

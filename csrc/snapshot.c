@@ -69,8 +69,7 @@ sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out) {
     return SC_OK;
 }
 
-sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp,
-                            uint64_t until) {
+sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp) {
     sc_pool *p = &s->pool;
     sc_node n = sc__pool_alloc(p);
     if (!n) return SC_ENOMEM;
@@ -80,13 +79,12 @@ sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64
     c->page[i] = (uint32_t)page; /* sc_store_open caps stores at 2^32 pages */
     c->version[i] = version;
     c->stamp[i] = stamp;
-    c->until[i] = until;
     /* Relaxed: the node is not published until the release store below (a plain
      * assignment to an _Atomic field would be a full barrier, as costly as the copy). */
     atomic_store_explicit(&c->next_in_page[i],
                           atomic_load_explicit(&s->preserved[page], memory_order_relaxed),
                           memory_order_relaxed);
-    /* The newest snapshot is the one that needs it (stamp <= newest < until). */
+    /* The newest snapshot is the one that needs it (stamp <= newest < now). */
     sc_snap *owner = &s->snaps[s->n_snaps - 1];
     c->next_owned[i] = owner->owned;
     owner->owned = n;
@@ -94,6 +92,27 @@ sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64
     sc__writer_add(&s->preserved_pages, 1);
     sc__writer_add(&s->pages_preserved_total, 1);
     return SC_OK;
+}
+
+/* Where a node's content stops being the page's: the stamp of the content that replaced
+ * it, which is the next newer node's, or the live page's when the node heads its chain.
+ * Derived rather than stored (8 bytes a node). Contents between that were never
+ * preserved, or freed since, can sit in between and make this later than the write that
+ * actually replaced the node; but no live snapshot can fall in that gap: each of those
+ * contents was dropped because no live snapshot read it, and later snapshots are newer
+ * than all of them. So "a live snapshot in [stamp, until)" has the same answer. */
+static uint64_t node_until(const sc_store *s, sc_node node) {
+    const sc_pool *p = &s->pool;
+    uint64_t page = sc__chunk_of(p, node)->page[sc__slot_of(p, node)];
+    sc_node newer = 0;
+    for (sc_node cur = atomic_load_explicit(&s->preserved[page], memory_order_relaxed);
+         cur != node;) {
+        newer = cur;
+        cur = atomic_load_explicit(&sc__chunk_of(p, cur)->next_in_page[sc__slot_of(p, cur)],
+                                   memory_order_relaxed);
+    }
+    if (!newer) return atomic_load_explicit(&s->stamps[page], memory_order_relaxed);
+    return sc__chunk_of(p, newer)->stamp[sc__slot_of(p, newer)];
 }
 
 static void unlink_and_free(sc_store *s, sc_node node) {
@@ -129,7 +148,7 @@ sc_status sc_snapshot_release(sc_store *s, uint64_t epoch) {
         sc_chunk *c = sc__chunk_of(p, owned);
         uint32_t i = sc__slot_of(p, owned);
         sc_node next = c->next_owned[i];
-        sc_snap *heir = snap_needing(s, c->stamp[i], c->until[i]);
+        sc_snap *heir = snap_needing(s, c->stamp[i], node_until(s, owned));
         if (heir) {
             c->next_owned[i] = heir->owned;
             heir->owned = owned;

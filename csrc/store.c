@@ -264,7 +264,7 @@ sc_status sc__prepare_page(sc_store *s, uint64_t p, uint64_t new_version) {
     uint64_t v = atomic_load_explicit(&s->versions[p], memory_order_relaxed);
     if (stamp == seq && v == new_version) return SC_OK; /* already written since the last snapshot */
     if (stamp != seq && s->newest_snap && stamp <= s->newest_snap) {
-        sc_status st = sc__preserve_page(s, p, v, stamp, seq);
+        sc_status st = sc__preserve_page(s, p, v, stamp);
         if (st) return st;
     }
     atomic_store_explicit(&s->stamps[p], seq, memory_order_relaxed);

@@ -24,6 +24,9 @@ settings.register_profile(
 settings.register_profile(
     "dev", max_examples=40, stateful_step_count=40, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "soak", max_examples=2000, stateful_step_count=80, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("STATECORE_HYPOTHESIS_PROFILE",
                                      "ci" if os.environ.get("CI") else "dev"))
 

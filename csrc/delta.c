@@ -320,10 +320,12 @@ static int scatter_range(void *ctx, uint64_t begin, uint64_t end) {
 sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t *new_versions,
                                const uint8_t *const *sources, uint64_t n, int threads,
                                sc_progress *progress) {
-    for (uint64_t i = 0; i < n; i++) {
-        sc_status st = sc__prepare_page(s, ids[i], new_versions[i]);
-        if (st) return st;
-    }
+    sc_prep b;
+    sc__prep_init(&b, s);
+    sc_status st = SC_OK;
+    for (uint64_t i = 0; i < n && st == SC_OK; i++) st = sc__prep_page(&b, ids[i], new_versions[i]);
+    sc__prep_finish(&b);
+    if (st) return st;
     sc_store_publish(s);
     if (progress) atomic_store(&progress->total, n << s->page_shift);
     scatter_job job = {s, ids, sources, progress};

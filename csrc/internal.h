@@ -121,6 +121,7 @@ struct sc_store {
     uint64_t cap_snaps;
     uint64_t newest_snap;        /* sequence of the newest live snapshot; 0 when none */
     _Atomic sc_node *preserved;  /* per-page chain heads; allocated on first snapshot */
+    uint64_t *queued;            /* bit per page: in a prepare batch, copy pending */
     sc_pool pool;
 
     _Atomic uint64_t preserved_pages;
@@ -131,8 +132,22 @@ struct sc_store {
 };
 
 /* store.c */
-sc_status sc__prepare_page(sc_store *s, uint64_t page, uint64_t new_version);
 void sc__persist_header(sc_store *s);
+
+/* prepare.c: getting pages ready for a write (preserve, then restamp). One page at a
+ * time, or many through a batch that makes the preserving copies with a few threads. */
+sc_status sc__prepare_page(sc_store *s, uint64_t page, uint64_t new_version);
+
+typedef struct sc_prep {
+    sc_store *s;
+    sc_node *nodes;          /* preserved, copy pending, not yet published */
+    uint64_t *new_versions;  /* what each queued page's version becomes */
+    uint64_t n, cap;
+} sc_prep;
+
+void sc__prep_init(sc_prep *b, sc_store *s);
+sc_status sc__prep_page(sc_prep *b, uint64_t page, uint64_t new_version);
+sc_status sc__prep_finish(sc_prep *b); /* copies, publishes, restamps; always frees */
 
 /* pool.c */
 void sc__pool_init(sc_pool *p, uint32_t page_size);
@@ -141,7 +156,12 @@ void sc__pool_free(sc_pool *p, sc_node n);
 void sc__pool_destroy(sc_pool *p);
 
 /* snapshot.c */
-sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp);
+/* A preserved page in three steps, so that a batch can copy in parallel: a node with its
+ * fields set, the copy into its content, then publication on the page's chain (after
+ * which snapshot readers may use it). */
+sc_node sc__node_new(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp);
+uint8_t *sc__node_content(sc_store *s, sc_node n);
+void sc__node_publish(sc_store *s, sc_node n);
 /* Content and version of `page` as of the snapshot with sequence `seq`; chain_lock held. */
 sc_status sc__read_page_as_of(sc_store *s, uint64_t seq, uint64_t page, uint8_t *dst,
                               uint64_t *version);

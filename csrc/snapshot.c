@@ -48,7 +48,14 @@ sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out) {
         /* Lazily: stores that never snapshot pay nothing; calloc of this size maps
          * zero pages, so untouched chains cost no memory either. */
         s->preserved = calloc(s->n_pages, sizeof *s->preserved);
-        if (!s->preserved) return SC_ENOMEM;
+        s->queued = calloc(s->n_groups, sizeof *s->queued);
+        if (!s->preserved || !s->queued) {
+            free((void *)s->preserved);
+            free(s->queued);
+            s->preserved = NULL;
+            s->queued = NULL;
+            return SC_ENOMEM;
+        }
     }
     pthread_rwlock_wrlock(&s->chain_lock);
     if (s->n_snaps == s->cap_snaps) {
@@ -69,16 +76,26 @@ sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out) {
     return SC_OK;
 }
 
-sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp) {
+sc_node sc__node_new(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp) {
     sc_pool *p = &s->pool;
     sc_node n = sc__pool_alloc(p);
-    if (!n) return SC_ENOMEM;
+    if (!n) return 0;
     sc_chunk *c = sc__chunk_of(p, n);
     uint32_t i = sc__slot_of(p, n);
-    memcpy(sc__node_data(c, p, i), s->data + (page << s->page_shift), s->page_size);
     c->page[i] = (uint32_t)page; /* sc_store_open caps stores at 2^32 pages */
     c->version[i] = version;
     c->stamp[i] = stamp;
+    return n;
+}
+
+uint8_t *sc__node_content(sc_store *s, sc_node n) {
+    return sc__node_data(sc__chunk_of(&s->pool, n), &s->pool, sc__slot_of(&s->pool, n));
+}
+
+void sc__node_publish(sc_store *s, sc_node n) {
+    sc_chunk *c = sc__chunk_of(&s->pool, n);
+    uint32_t i = sc__slot_of(&s->pool, n);
+    uint64_t page = c->page[i];
     /* Relaxed: the node is not published until the release store below (a plain
      * assignment to an _Atomic field would be a full barrier, as costly as the copy). */
     atomic_store_explicit(&c->next_in_page[i],
@@ -91,7 +108,6 @@ sc_status sc__preserve_page(sc_store *s, uint64_t page, uint64_t version, uint64
     atomic_store_explicit(&s->preserved[page], n, memory_order_release);
     sc__writer_add(&s->preserved_pages, 1);
     sc__writer_add(&s->pages_preserved_total, 1);
-    return SC_OK;
 }
 
 /* Where a node's content stops being the page's: the stamp of the content that replaced
@@ -174,6 +190,8 @@ void sc__free_all_preserved(sc_store *s) {
     s->newest_snap = 0;
     free((void *)s->preserved);
     s->preserved = NULL;
+    free(s->queued);
+    s->queued = NULL;
     sc__pool_destroy(p);
     atomic_store(&s->preserved_pages, 0);
 }

@@ -255,29 +255,6 @@ uint64_t sc_store_page_version(const sc_store *s, uint64_t page) {
     return page < s->n_pages ? sc__load_version(s, page) : 0;
 }
 
-/* The one place a page changes. Order matters for lock-free snapshot readers: preserve
- * the old content and publish it, then publish the new stamp and version, and only then
- * (after sc_store_publish) may the caller modify the bytes. */
-sc_status sc__prepare_page(sc_store *s, uint64_t p, uint64_t new_version) {
-    uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
-    uint64_t stamp = atomic_load_explicit(&s->stamps[p], memory_order_relaxed);
-    uint64_t v = atomic_load_explicit(&s->versions[p], memory_order_relaxed);
-    if (stamp == seq && v == new_version) return SC_OK; /* already written since the last snapshot */
-    if (stamp != seq && s->newest_snap && stamp <= s->newest_snap) {
-        sc_status st = sc__preserve_page(s, p, v, stamp);
-        if (st) return st;
-    }
-    atomic_store_explicit(&s->stamps[p], seq, memory_order_relaxed);
-    /* Release: a reader that sees the new version also sees the new stamp. */
-    atomic_store_explicit(&s->versions[p], new_version, memory_order_release);
-    uint64_t g = p >> 6;
-    if (new_version > atomic_load_explicit(&s->group_max[g], memory_order_relaxed))
-        atomic_store_explicit(&s->group_max[g], new_version, memory_order_release);
-    if (new_version > s->dirty_base)
-        sc__writer_set_bits(&s->dirty[g], 1ull << (p & 63));
-    return SC_OK;
-}
-
 void sc_store_publish(sc_store *s) {
     (void)s;
     atomic_thread_fence(memory_order_release);
@@ -292,8 +269,15 @@ sc_status sc_store_touch_range(sc_store *s, uint64_t offset, uint64_t len) {
     if (!len) return SC_OK;
     uint64_t first = offset >> s->page_shift, last = (offset + len - 1) >> s->page_shift;
     uint64_t e = atomic_load(&s->epoch);
-    for (uint64_t p = first; p <= last; p++) {
-        sc_status st = sc__prepare_page(s, p, e);
+    if (first == last) { /* the common small write: no batch */
+        sc_status st = sc__prepare_page(s, first, e);
+        if (st) return st;
+    } else {
+        sc_prep b;
+        sc__prep_init(&b, s);
+        sc_status st = SC_OK;
+        for (uint64_t p = first; p <= last && st == SC_OK; p++) st = sc__prep_page(&b, p, e);
+        sc__prep_finish(&b);
         if (st) return st;
     }
     sc__writer_add(&s->pages_written, last - first + 1);
@@ -305,10 +289,12 @@ sc_status sc_store_touch_pages(sc_store *s, const uint64_t *ids, uint64_t n) {
     for (uint64_t i = 0; i < n; i++)
         if (ids[i] >= s->n_pages) return SC_ERANGE;
     uint64_t e = atomic_load(&s->epoch);
-    for (uint64_t i = 0; i < n; i++) {
-        sc_status st = sc__prepare_page(s, ids[i], e);
-        if (st) return st;
-    }
+    sc_prep b;
+    sc__prep_init(&b, s);
+    sc_status st = SC_OK;
+    for (uint64_t i = 0; i < n && st == SC_OK; i++) st = sc__prep_page(&b, ids[i], e);
+    sc__prep_finish(&b);
+    if (st) return st;
     sc__writer_add(&s->pages_written, n);
     sc_store_publish(s);
     return SC_OK;
@@ -327,18 +313,22 @@ sc_status sc_store_touch_rows(sc_store *s, const int64_t *idx, uint64_t n, uint6
         }
     }
     uint64_t e = atomic_load(&s->epoch), touched = 0, last_page = UINT64_MAX;
-    for (uint64_t i = 0; i < n; i++) {
+    sc_prep b;
+    sc__prep_init(&b, s);
+    sc_status st = SC_OK;
+    for (uint64_t i = 0; i < n && st == SC_OK; i++) {
         uint64_t row = idx[i] < 0 ? (uint64_t)(idx[i] + hi) : (uint64_t)idx[i];
         uint64_t start = base + row * row_bytes;
         uint64_t first = start >> s->page_shift, last = (start + row_bytes - 1) >> s->page_shift;
-        for (uint64_t p = first; p <= last; p++) {
+        for (uint64_t p = first; p <= last && st == SC_OK; p++) {
             if (p == last_page) continue; /* sorted or clustered indices: skip the repeat */
-            sc_status st = sc__prepare_page(s, p, e);
-            if (st) return st;
+            st = sc__prep_page(&b, p, e);
             last_page = p;
             touched++;
         }
     }
+    sc__prep_finish(&b);
+    if (st) return st;
     sc__writer_add(&s->pages_written, touched);
     sc_store_publish(s);
     return SC_OK;

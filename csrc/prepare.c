@@ -1,0 +1,126 @@
+/* Getting pages ready for a write. Order matters for lock-free snapshot readers: preserve
+ * the old content and publish it, then publish the new stamp and version, and only then
+ * (after sc_store_publish) may the caller modify the bytes.
+ *
+ * Vectorized writes prepare many pages at once. With a live snapshot most of their time is
+ * the preserving copies, so a batch queues the pages that need one, copies them with a
+ * few threads together, and only then publishes each node and restamps its page: the
+ * order above still holds page by page. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "parallel.h"
+
+#define BATCH_BYTES (16u << 20) /* copies queued before a flush: enough for two threads */
+
+static void restamp(sc_store *s, uint64_t p, uint64_t seq, uint64_t new_version) {
+    atomic_store_explicit(&s->stamps[p], seq, memory_order_relaxed);
+    /* Release: a reader that sees the new version also sees the new stamp. */
+    atomic_store_explicit(&s->versions[p], new_version, memory_order_release);
+    uint64_t g = p >> 6;
+    if (new_version > atomic_load_explicit(&s->group_max[g], memory_order_relaxed))
+        atomic_store_explicit(&s->group_max[g], new_version, memory_order_release);
+    if (new_version > s->dirty_base) sc__writer_set_bits(&s->dirty[g], 1ull << (p & 63));
+}
+
+/* A live snapshot still reads the page's current content. */
+static bool needs_preserving(const sc_store *s, uint64_t stamp, uint64_t seq) {
+    return stamp != seq && s->newest_snap && stamp <= s->newest_snap;
+}
+
+sc_status sc__prepare_page(sc_store *s, uint64_t p, uint64_t new_version) {
+    uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
+    uint64_t stamp = atomic_load_explicit(&s->stamps[p], memory_order_relaxed);
+    uint64_t v = atomic_load_explicit(&s->versions[p], memory_order_relaxed);
+    if (stamp == seq && v == new_version) return SC_OK; /* already written since the last snapshot */
+    if (needs_preserving(s, stamp, seq)) {
+        sc_node n = sc__node_new(s, p, v, stamp);
+        if (!n) return SC_ENOMEM;
+        memcpy(sc__node_content(s, n), s->data + (p << s->page_shift), s->page_size);
+        sc__node_publish(s, n);
+    }
+    restamp(s, p, seq, new_version);
+    return SC_OK;
+}
+
+void sc__prep_init(sc_prep *b, sc_store *s) {
+    memset(b, 0, sizeof *b);
+    b->s = s;
+}
+
+typedef struct {
+    sc_store *s;
+    const sc_node *nodes;
+} copy_job;
+
+static int copy_range(void *ctx, uint64_t begin, uint64_t end) {
+    copy_job *j = ctx;
+    sc_store *s = j->s;
+    const sc_pool *p = &s->pool;
+    for (uint64_t k = begin; k < end; k++) {
+        sc_chunk *c = sc__chunk_of(p, j->nodes[k]);
+        uint32_t i = sc__slot_of(p, j->nodes[k]);
+        memcpy(sc__node_data(c, p, i), s->data + ((uint64_t)c->page[i] << s->page_shift),
+               s->page_size);
+    }
+    return SC_OK;
+}
+
+static void flush(sc_prep *b) {
+    sc_store *s = b->s;
+    if (!b->n) return;
+    copy_job job = {s, b->nodes};
+    sc__parallel_for(b->n, sc__threads_for(b->n << s->page_shift, 0), copy_range, &job);
+    uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
+    for (uint64_t k = 0; k < b->n; k++) {
+        uint64_t p = sc__chunk_of(&s->pool, b->nodes[k])->page[sc__slot_of(&s->pool, b->nodes[k])];
+        sc__node_publish(s, b->nodes[k]);
+        restamp(s, p, seq, b->new_versions[k]);
+        s->queued[p >> 6] &= ~(1ull << (p & 63));
+    }
+    b->n = 0;
+}
+
+static sc_status queue(sc_prep *b, uint64_t p, uint64_t version, uint64_t stamp,
+                       uint64_t new_version) {
+    sc_store *s = b->s;
+    if (!b->cap) {
+        uint64_t cap = BATCH_BYTES >> s->page_shift;
+        b->nodes = malloc((cap ? cap : 1) * sizeof *b->nodes);
+        b->new_versions = malloc((cap ? cap : 1) * sizeof *b->new_versions);
+        if (!b->nodes || !b->new_versions) return SC_ENOMEM;
+        b->cap = cap ? cap : 1;
+    }
+    sc_node n = sc__node_new(s, p, version, stamp);
+    if (!n) return SC_ENOMEM;
+    b->nodes[b->n] = n;
+    b->new_versions[b->n++] = new_version;
+    s->queued[p >> 6] |= 1ull << (p & 63);
+    if (b->n == b->cap) flush(b);
+    return SC_OK;
+}
+
+sc_status sc__prep_page(sc_prep *b, uint64_t p, uint64_t new_version) {
+    sc_store *s = b->s;
+    uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
+    uint64_t stamp = atomic_load_explicit(&s->stamps[p], memory_order_relaxed);
+    uint64_t v = atomic_load_explicit(&s->versions[p], memory_order_relaxed);
+    if (stamp == seq && v == new_version) return SC_OK;
+    if (!needs_preserving(s, stamp, seq)) {
+        restamp(s, p, seq, new_version);
+        return SC_OK;
+    }
+    /* Queued already: its copy and restamp are pending. Callers give a page one version
+     * per batch (the open epoch, or a delta's distinct ids), so there is nothing to add. */
+    if (s->queued[p >> 6] & (1ull << (p & 63))) return SC_OK;
+    return queue(b, p, v, stamp, new_version);
+}
+
+sc_status sc__prep_finish(sc_prep *b) {
+    flush(b);
+    free(b->nodes);
+    free(b->new_versions);
+    memset(b, 0, sizeof *b);
+    return SC_OK;
+}

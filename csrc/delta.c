@@ -323,10 +323,20 @@ sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t 
     sc_prep b;
     sc__prep_init(&b, s);
     sc_status st = SC_OK;
-    for (uint64_t i = 0; i < n && st == SC_OK; i++) st = sc__prep_page(&b, ids[i], new_versions[i]);
+    uint64_t prepared = 0;
+    for (; prepared < n; prepared++) {
+        st = sc__prep_page(&b, ids[prepared], new_versions[prepared]);
+        if (st) break;
+    }
     sc__prep_finish(&b);
-    if (st) return st;
     sc_store_publish(s);
+    if (st) {
+        /* Out of memory part way: the pages prepared so far carry their new versions, so
+         * they get their new bytes too (a retry would skip them as already applied). */
+        scatter_job partial = {s, ids, sources, NULL};
+        scatter_range(&partial, 0, prepared);
+        return st;
+    }
     if (progress) atomic_store(&progress->total, n << s->page_shift);
     scatter_job job = {s, ids, sources, progress};
     sc__parallel_for(n, sc__threads_for(n << s->page_shift, threads), scatter_range, &job);

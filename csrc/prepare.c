@@ -15,7 +15,9 @@
 #define BATCH_BYTES (16u << 20) /* copies queued before a flush: enough for two threads */
 
 static void restamp(sc_store *s, uint64_t p, uint64_t seq, uint64_t new_version) {
-    atomic_store_explicit(&s->stamps[p], seq, memory_order_relaxed);
+    /* Release: a reader that sees the new stamp also sees the node published before it
+     * (free on x86; weakly ordered CPUs need it). */
+    atomic_store_explicit(&s->stamps[p], seq, memory_order_release);
     /* Release: a reader that sees the new version also sees the new stamp. */
     atomic_store_explicit(&s->versions[p], new_version, memory_order_release);
     uint64_t g = p >> 6;

@@ -1,5 +1,5 @@
-/* Restoring a checkpoint into an empty store. Each page is checked against its checksum
- * and copied in the same pass, while it is still in cache: the file's bytes are read once
+/* Restoring a checkpoint into an empty store. Each page is copied and its copy checked
+ * against its checksum in the same pass, while it is still in cache: the file's bytes are read once
  * instead of twice (verify, then copy). Copies land before the whole file is proven, so a
  * failure wipes them: the store is empty again, exactly as before the call. */
 #include <stdlib.h>
@@ -38,18 +38,21 @@ static int restore_range(void *ctx, uint64_t begin, uint64_t end) {
     const uint8_t *src = j->v->payload + (begin << s->page_shift);
     for (uint64_t i = begin; i < end; i++, src += s->page_size) {
         if ((i - begin) % PROGRESS_EVERY == 0 && i != begin) {
-            /* Another thread already failed: nothing here will be kept. */
-            if (atomic_load_explicit(&j->first_bad, memory_order_relaxed) != UINT64_MAX)
+            /* Another thread failed below us: nothing here can be the first bad page. */
+            if (atomic_load_explicit(&j->first_bad, memory_order_relaxed) < i)
                 return SC_ECORRUPT;
             if (j->progress)
                 atomic_fetch_add_explicit(&j->progress->done, PROGRESS_EVERY << s->page_shift,
                                           memory_order_relaxed);
         }
-        if (sc_page_checksum(src, s->page_size) != j->v->checksums[i]) {
+        /* Copy, then check the copy: what is verified is what stays, even if the file
+         * under the mapping changed meanwhile. */
+        uint8_t *dst = s->data + (j->v->ids[i] << s->page_shift);
+        memcpy(dst, src, s->page_size);
+        if (sc_page_checksum(dst, s->page_size) != j->v->checksums[i]) {
             note_bad(j, i);
             return SC_ECORRUPT;
         }
-        memcpy(s->data + (j->v->ids[i] << s->page_shift), src, s->page_size);
     }
     return SC_OK;
 }

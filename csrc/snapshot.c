@@ -220,7 +220,7 @@ sc_status sc__read_page_as_of(sc_store *s, uint64_t seq, uint64_t page, uint8_t 
         uint64_t v = sc__load_version(s, page);
         memcpy(dst, s->data + (page << s->page_shift), s->page_size);
         atomic_thread_fence(memory_order_acquire);
-        if (atomic_load_explicit(&s->stamps[page], memory_order_relaxed) == st1) {
+        if (atomic_load_explicit(&s->stamps[page], memory_order_acquire) == st1) {
             if (version) *version = v;
             return SC_OK;
         }

@@ -1235,6 +1235,45 @@ static void test_checkpoint(void) {
     model_close(&a);
 }
 
+/* Large enough for two restore threads: the first bad entry is reported even when the
+ * other thread fails first on a later one. */
+static void test_restore_first_bad(void) {
+    const uint64_t n = 4096, ps = 4096;
+    sc_store *a = NULL, *b = NULL;
+    CHECK_ST(sc_store_open(NULL, n * ps, ps, &a), SC_OK);
+    REQUIRE(a);
+    uint8_t *page = xmalloc(ps);
+    for (uint64_t p = 0; p < n; p++) {
+        memset(page, (int)(p * 7 + 1), ps);
+        CHECK_ST(sc_store_write(a, p * ps, page, ps), SC_OK);
+    }
+    free(page);
+    uint64_t e;
+    CHECK_ST(sc_snapshot_take(a, &e), SC_OK);
+    char path[PATH_MAX];
+    tmp_path(path, "restore.sc");
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    REQUIRE(fd >= 0);
+    CHECK_ST(sc_checkpoint_save(a, e, fd, NULL, NULL), SC_OK);
+    close(fd);
+    uint64_t len = 0;
+    uint8_t *buf = read_file(path, &len);
+    REQUIRE(buf);
+    sc_delta_view v;
+    uint64_t bad = 0;
+    CHECK_ST(sc_delta_parse(buf, len, SC_KIND_CHECKPOINT, 0, &v, &bad), SC_OK);
+    buf[v.payload_offset + 3000 * ps] ^= 1;
+    buf[v.payload_offset + 1000 * ps + 17] ^= 1;
+    CHECK_ST(sc_store_open(NULL, n * ps, ps, &b), SC_OK);
+    REQUIRE(b);
+    CHECK_ST(sc_checkpoint_restore(b, &v, &bad, NULL), SC_ECORRUPT);
+    CHECK_EQ_U64(bad, 1000);
+    sc_store_close(b);
+    sc_store_close(a);
+    unlink(path);
+    free(buf);
+}
+
 static void test_murmur3(void) {
     static const struct {
         const char *data;
@@ -1620,6 +1659,7 @@ static const test_case tests[] = {
     {"delta_incompatible", test_delta_incompatible},
     {"replay", test_replay},
     {"checkpoint", test_checkpoint},
+    {"restore_first_bad", test_restore_first_bad},
     {"murmur3", test_murmur3},
     {"threaded_snapshot", test_threaded_snapshot},
     {"threaded_page_transitions", test_threaded_page_transitions},

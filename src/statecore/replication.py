@@ -23,6 +23,7 @@ import socket
 import ssl as _ssl
 import threading
 import time
+import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -470,7 +471,7 @@ class Follower:
             except (OSError, errors.StateError, ValueError) as e:
                 if self._stop.is_set():
                     return
-                self.error = e
+                self.error = _kept(e)
                 log.info("statecore: follower connection to %s:%d lost: %s", *self.address, e)
                 if not self._reconnect:
                     self._fail(e)
@@ -480,7 +481,7 @@ class Follower:
             backoff = min(backoff * 2, 2.0)
 
     def _fail(self, e: BaseException) -> None:
-        self.error = e
+        self.error = _kept(e)
         self.state = "failed"
         log.warning("statecore: follower of %s:%d stopped: %s", *self.address, e)
         with self._cond:
@@ -582,6 +583,15 @@ class Follower:
             self._epoch = epoch
             self._cond.notify_all()
         wire.send_json(sock, wire.ACK, {"epoch": epoch})
+
+
+def _kept(e: BaseException) -> BaseException:
+    """An error to keep on the follower: its traceback keeps file and line, but not the
+    locals of the finished frames. Those hold deltas over receive buffers; kept, they
+    would sit in a cycle (follower -> error -> traceback -> frame -> follower) that the
+    garbage collector may break by releasing a buffer that a delta still exports."""
+    traceback.clear_frames(e.__traceback__)
+    return e
 
 
 def _shutdown(sock: socket.socket) -> None:

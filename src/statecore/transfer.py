@@ -7,9 +7,9 @@ next pages, with its own header, index and page checksums, so:
 - the primary builds part k+1 (gather + checksum, GIL released) into one of two reused
   buffers while part k is being sent, instead of building the whole delta first in a
   fresh buffer as large as the state;
-- the follower receives part k+1 into one of three reused buffers while a worker thread
-  verifies and applies part k, instead of receiving everything, then verifying
-  everything, then applying everything.
+- the follower verifies each part as it arrives and a worker thread applies part k
+  while part k+1 is received into one of three reused buffers, instead of receiving
+  everything, then verifying everything, then applying everything.
 
 What the follower's epoch means does not change: a part is applied only once it is fully
 validated, and the follower reports (Follower.epoch, wait_for, ACK) epoch b only when the
@@ -22,6 +22,7 @@ so that a new Follower on it also resumes from a, not from the store's own epoch
 from __future__ import annotations
 
 import threading
+import traceback
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Deque, Iterator, List, Optional, Tuple
@@ -120,9 +121,10 @@ class PartBuilder:
 # ---- follower side --------------------------------------------------------------------------
 class PartApplier:
     """The follower's side of PART frames: hands out the buffer the next frame is received
-    into, checks that parts follow one another, and verifies and applies each part in a
-    worker thread while the next is received. At most two parts are in flight, so a
-    buffer is never received into while its part is still being applied."""
+    into, checks that parts follow one another, verifies each part (Delta.decode) as it
+    arrives and has a worker thread apply it while the next is received. At most two
+    parts are in flight, so a buffer is never received into while its part is still
+    being applied."""
 
     N_BUFFERS = 3
 
@@ -147,7 +149,7 @@ class PartApplier:
         self._seq = 0
         self._first = 0
         self._bytes = 0
-        self._last_id = -1  # worker-side: the highest page id applied in this transfer
+        self._last_id = -1  # the highest page id of the parts taken so far
         self.parts_applied = 0
 
     @property
@@ -164,8 +166,8 @@ class PartApplier:
              ) -> Optional[Tuple[int, int]]:
         """Take a PART frame's body (received into buffer()). Returns (target epoch, bytes
         of the whole delta) once its last part is applied, else None. Raises
-        ProtocolError for a part out of sequence, CorruptDelta (perhaps a part later) for
-        one that fails validation; nothing of a failing part is applied."""
+        ProtocolError for a part out of sequence, CorruptDelta for one that fails
+        validation (nothing of it is applied), or the error of an earlier part's apply."""
         f = wire.part_fields(body)
         n = f.n_pages
         if f.reserved or f.compression != 0:
@@ -192,12 +194,20 @@ class PartApplier:
                 f"{self._transfer[2]} pages")
         if self._first + n > f.total:
             raise wire.ProtocolError(f"PART {f.seq} runs past the {f.total} pages announced")
+        # Verified here, while the part is hot in this core's cache; applied by the worker.
+        delta = Delta.decode(memoryview(body)[wire.PART_HEADER_SIZE:], copy=False)
+        if (delta.base_epoch, delta.target_epoch, delta.n_pages) != (f.base, f.target, n):
+            raise wire.ProtocolError("PART delta header differs from the frame's")
+        ids = delta.page_ids
+        if int(ids[0]) <= self._last_id:
+            raise wire.ProtocolError(f"PART {f.seq} repeats or reorders pages (page "
+                                     f"{int(ids[0])} after {self._last_id})")
+        self._last_id = int(ids[-1])
         self._seq += 1
         self._first += n
         self._bytes += wire.HEADER_SIZE + memoryview(body).nbytes
         self._next += 1
-        view = memoryview(body)[wire.PART_HEADER_SIZE:]
-        self._inflight.append(self._worker.submit(self._verify_and_apply, view, f))
+        self._inflight.append(self._worker.submit(self._apply_part, delta))
         if self._first < f.total:
             return None
         self.drain()  # the last part: everything applied (or the first error raised here)
@@ -205,23 +215,16 @@ class PartApplier:
         self._transfer = None
         return target, nbytes
 
-    def _verify_and_apply(self, view: memoryview, f: wire.PartFields) -> None:
+    def _apply_part(self, delta: Delta) -> None:
         if self._failed.is_set():
             return  # an earlier part failed: the session is ending, apply nothing more
         try:
-            delta = Delta.decode(view, copy=False)
-            if (delta.base_epoch, delta.target_epoch, delta.n_pages) != (f.base, f.target,
-                                                                         f.n_pages):
-                raise wire.ProtocolError("PART delta header differs from the frame's")
-            ids = delta.page_ids
-            if int(ids[0]) <= self._last_id:
-                raise wire.ProtocolError(f"PART {f.seq} repeats or reorders pages (page "
-                                         f"{int(ids[0])} after {self._last_id})")
             self._apply(self.store, delta)
-            self._last_id = int(ids[-1])
             self.parts_applied += 1
         except BaseException as e:
             if not self._failed.is_set():
+                # Without the locals of the frames below (the delta): see replication._kept.
+                traceback.clear_frames(e.__traceback__.tb_next if e.__traceback__ else None)
                 self.failure = e
                 self._failed.set()
                 self._on_failure()
@@ -249,6 +252,8 @@ class PartApplier:
                 pass  # the session already ends with the error that stopped it
         self._inflight.clear()
         self._worker.shutdown(wait=True)
+        if self.failure is not None:  # its frames have all finished now
+            traceback.clear_frames(self.failure.__traceback__)
 
 
 def resume_marker(store: Store) -> Optional[int]:

@@ -740,6 +740,31 @@ def test_a_new_follower_on_a_half_synced_store_starts_over_from_zero(cleanup, pa
     converge(second, store, primary.epoch)
 
 
+def test_a_large_commit_goes_in_parts_cut_from_its_own_buffer(cleanup, tmp_path, part_pages):
+    """A caught-up follower gets a commit's own delta; when it is large, in parts whose
+    pages are views of that delta's buffer (new headers and indexes, the same checksums)."""
+    rng = np.random.default_rng(25)
+    ds = sc.DurableStore(tmp_path / "primary", size=SIZE)
+    cleanup(ds)
+    primary = sc.Primary(ds)
+    cleanup(primary)
+    replica = sc.Store(size=SIZE)
+    cleanup(replica)
+    follower = sc.Follower(replica, primary.address)
+    cleanup(follower)
+    converge(follower, ds, primary.epoch)
+    for pages in (N_PAGES, 4 * part_pages + 3, part_pages, 1):
+        before = follower.status()
+        ids = np.sort(rng.choice(N_PAGES, size=pages, replace=False))
+        ds.write_pages(ids, rng.integers(0, 256, pages * PS, dtype=np.uint8))
+        e = ds.commit()
+        converge(follower, ds, e)
+        st = follower.status()
+        want = -(-pages // part_pages) if pages > part_pages else 0
+        assert st["parts_received"] - before["parts_received"] == want, (pages, st)
+        assert st["deltas_applied"] - before["deltas_applied"] == 1
+
+
 def test_a_durable_follower_takes_large_deltas_whole(cleanup, tmp_path, part_pages):
     """A DurableStore journals each delta it applies as one record, so it does not ask
     for parts; a follower in memory on the same primary gets them."""

@@ -230,6 +230,34 @@ def test_part_frames_round_trip_and_cover_the_delta():
     assert wire.HEADER.unpack(wire.frame_header(wire.PART, bodies[0]))[1] == 2
 
 
+def test_parts_cut_from_a_built_delta_are_its_pages_with_its_checksums():
+    from statecore.transfer import split
+    d = sc.Delta.decode(big_delta_body())
+    got_ids, got_pages = [], bytearray()
+    for seq, (pieces, last) in enumerate(split(d, 3)):
+        body = b"".join(bytes(p) for p in pieces)
+        # The first piece is the whole digest part: the frame checksum is the same.
+        assert wire.frame_header(wire.PART, pieces[0], length=len(body)) == \
+            wire.frame_header(wire.PART, body)
+        ftype, (fields, part) = receive(frame(wire.PART, body))
+        assert (fields.seq, fields.first, fields.total) == (seq, 3 * seq, d.n_pages)
+        assert last == (fields.first + part.n_pages == d.n_pages)
+        assert (part.base_epoch, part.target_epoch) == (d.base_epoch, d.target_epoch)
+        got_ids += part.page_ids.tolist()
+        got_pages += bytes(part.payload)
+        assert part.checksums.tolist() == d.checksums[3 * seq:3 * seq + part.n_pages].tolist()
+    assert got_ids == d.page_ids.tolist() and bytes(got_pages) == bytes(d.payload)
+
+
+def big_delta_body() -> bytes:
+    s = sc.Store(size=11 * PS, page_size=PS)
+    try:
+        s.write(0, np.random.default_rng(13).integers(0, 256, s.size, dtype=np.uint8).tobytes())
+        return bytes(s.delta(0).encode())
+    finally:
+        s.close()
+
+
 def test_every_truncation_of_a_part_frame_is_a_connection_error():
     data = frame(wire.PART, PART_BODIES[0])
     for cut in range(len(data)):

@@ -33,7 +33,7 @@ from .delta import Delta
 from .snapshot import Snapshot
 from .store import Store
 from .transfer import (PartApplier, PartBuilder, clear_resume_marker, part_pages_for,
-                       resume_marker)
+                       resume_marker, split)
 
 log = logging.getLogger("statecore")
 
@@ -289,19 +289,27 @@ class _Session(threading.Thread):
             if pub is None or pub.epoch <= self.sent:
                 wire.send_json(self.conn, wire.PING, {"epoch": self.sent})
                 continue
-            if pub.delta is not None and pub.delta.base_epoch == self.sent:
-                # The commit's own buffer: no extra work, no copy.
-                self._send(wire.DELTA, pub.delta.encode(), pub.epoch)
+            commit = pub.delta
+            if commit is not None and commit.base_epoch == self.sent:
+                # The commit's own buffer: no extra work, no copy of its pages.
+                if self.part_pages and commit.n_pages > self.part_pages:
+                    for pieces, last in split(commit, self.part_pages):
+                        if self._halt.is_set() or p._closed:
+                            return
+                        self._send(wire.PART, pieces, pub.epoch if last else None)
+                else:
+                    self._send(wire.DELTA, [commit.encode()], pub.epoch)
             else:
                 self._send_to(pub)
 
-    def _send(self, ftype: int, body: Any, last_of: Optional[int]) -> None:
-        """One frame; `last_of`: the epoch the follower holds once it has applied it."""
-        self.bytes_sent += wire.HEADER_SIZE + memoryview(body).nbytes
+    def _send(self, ftype: int, pieces: List[Any], last_of: Optional[int]) -> None:
+        """One frame of these body pieces; `last_of`: the epoch the follower holds once it
+        has applied it."""
+        self.bytes_sent += wire.HEADER_SIZE + sum(memoryview(b).nbytes for b in pieces)
         if last_of is not None:
             # Logged before sending: the follower's ACK can arrive before send_frame returns.
             self._sent_log.append((last_of, self.bytes_sent))
-        wire.send_frame(self.conn, ftype, body)
+        wire.send_frame(self.conn, ftype, *pieces)
         if last_of is not None:
             self.sent = last_of
 
@@ -319,12 +327,12 @@ class _Session(threading.Thread):
                 self._builder = PartBuilder(store, self.part_pages or
                                             part_pages_for(store.page_size))
             if len(ids) > self._builder.part_pages and not self.part_pages:
-                self._send(wire.DELTA, store.delta(self.sent, pub.snap).encode(), pub.epoch)
+                self._send(wire.DELTA, [store.delta(self.sent, pub.snap).encode()], pub.epoch)
                 return
             for ftype, body, last in self._builder.frames(self.sent, pub.epoch, ids):
                 if self._halt.is_set() or self.primary._closed:
                     return
-                self._send(ftype, body, pub.epoch if last else None)
+                self._send(ftype, [body], pub.epoch if last else None)
         finally:
             pub.snap._done()
 

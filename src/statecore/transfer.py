@@ -21,6 +21,7 @@ so that a new Follower on it also resumes from a, not from the store's own epoch
 """
 from __future__ import annotations
 
+import struct
 import threading
 import traceback
 from collections import deque
@@ -116,6 +117,33 @@ class PartBuilder:
                     pending.result()
                 except BaseException:
                     pass
+
+
+def split(delta: Delta, part_pages: int) -> Iterator[Tuple[List[Any], bool]]:
+    """PART frame bodies (as pieces for wire.send_frame, and whether it is the last) of a
+    delta already built, such as a commit's, without copying or hashing its pages: each
+    part gets a new header and index (the delta's page checksums, resealed), and its pages
+    are a view of the delta's buffer. The delta must be uncompressed and outlive them."""
+    n, ps = delta.n_pages, delta.page_size
+    ids, versions, sums = delta.page_ids, delta.versions, delta.checksums
+    header = bytes(memoryview(delta.encode())[:_core.HEADER_SIZE])
+    payload = delta.payload
+    for seq, first in enumerate(range(0, n, part_pages)):
+        end = min(n, first + part_pages)
+        index = np.concatenate([ids[first:end], versions[first:end], sums[first:end]])
+        head = bytearray(header)
+        struct.pack_into("<H", head, _OFF_COMPRESSION, 0)
+        struct.pack_into("<Q", head, _OFF_N_PAGES, end - first)
+        struct.pack_into("<Q", head, _OFF_PAYLOAD_BYTES, (end - first) * ps)
+        struct.pack_into("<Q", head, _OFF_INDEX_SUM, _core.page_checksum(index.view(np.uint8)))
+        struct.pack_into("<Q", head, _OFF_HEADER_SUM, _core.page_checksum(head[:_OFF_HEADER_SUM]))
+        prefix = wire.PART_HEADER.pack(seq, first, n, 0) + bytes(head) + index.tobytes()
+        yield [prefix, payload[first * ps:end * ps]], end == n
+
+
+# Fields of the delta header (csrc/statecore.h, sc_header) that differ between parts.
+_OFF_COMPRESSION, _OFF_N_PAGES, _OFF_PAYLOAD_BYTES = 12, 48, 64
+_OFF_INDEX_SUM, _OFF_HEADER_SUM = 88, 120
 
 
 # ---- follower side --------------------------------------------------------------------------

@@ -66,20 +66,25 @@ def _digest_part(ftype: int, body: Any) -> bytes:
     return bytes(mv[:min(len(mv), off + _core.HEADER_SIZE + 24 * n)])
 
 
-def frame_header(ftype: int, body: Any, version: Optional[int] = None) -> bytes:
+def frame_header(ftype: int, body: Any, version: Optional[int] = None,
+                 length: Optional[int] = None) -> bytes:
     """The 24-byte header of a frame; `version` defaults to the one that introduced the
-    frame's type (a test may stamp any)."""
+    frame's type (a test may stamp any). With `length`, `body` is only the start of a
+    longer body, and holds its whole digest part."""
     if version is None:
         version = INTRODUCED.get(ftype, MIN_PROTOCOL_VERSION)
-    length = memoryview(body).nbytes
+    if length is None:
+        length = memoryview(body).nbytes
     head = struct.pack("<4sHHQ", MAGIC, version, ftype, length)
     return head + struct.pack("<Q", _core.page_checksum(head + _digest_part(ftype, body)))
 
 
-def send_frame(sock: socket.socket, ftype: int, body: Any) -> int:
-    """Send header and body without copying the body (sendmsg where available)."""
-    parts: List[memoryview] = [memoryview(frame_header(ftype, body)),
-                               memoryview(body).cast("B")]
+def send_frame(sock: socket.socket, ftype: int, body: Any, *more: Any) -> int:
+    """Send header and body without copying the body (sendmsg where available). The body
+    may come in pieces (`more` after the first); the first holds the digest part."""
+    pieces = [memoryview(b).cast("B") for b in (body, *more)]
+    length = sum(p.nbytes for p in pieces)
+    parts: List[memoryview] = [memoryview(frame_header(ftype, body, length=length)), *pieces]
     total = sum(p.nbytes for p in parts)
     if not hasattr(sock, "sendmsg") or _is_tls(sock):
         for p in parts:

@@ -765,6 +765,28 @@ def test_a_large_commit_goes_in_parts_cut_from_its_own_buffer(cleanup, tmp_path,
         assert st["deltas_applied"] - before["deltas_applied"] == 1
 
 
+def test_parts_cross_tls(cleanup, tmp_path, part_pages):
+    cert, key = make_cert(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(cert))
+    rng = np.random.default_rng(26)
+    ds = sc.DurableStore(tmp_path / "primary", size=SIZE)
+    cleanup(ds)
+    random_writes(ds, rng, N_PAGES)
+    ds.commit()
+    primary = sc.Primary(ds, ssl=server)  # a full sync built in parts
+    cleanup(primary)
+    follower = sc.Follower(sc.Store(size=SIZE), primary.address, ssl=client,
+                           server_hostname=LOCAL)
+    cleanup(follower)
+    cleanup(follower.store)
+    converge(follower, ds, primary.epoch)
+    random_writes(ds, rng, 3 * part_pages)
+    converge(follower, ds, ds.commit())  # a commit's delta cut in parts
+    assert follower.status()["parts_received"] >= N_PAGES // part_pages + 3
+
+
 def test_a_durable_follower_takes_large_deltas_whole(cleanup, tmp_path, part_pages):
     """A DurableStore journals each delta it applies as one record, so it does not ask
     for parts; a follower in memory on the same primary gets them."""

@@ -5,6 +5,7 @@ over stdin/stdout, one JSON object per line (request -> reply).
                                          [--port N] [--secret X]
     python replication_child.py follower --size S --page-size P --address HOST:PORT
                                          [--dir D] [--secret X]
+    (either: [--part-bytes N] to move large deltas in parts of N bytes)
 
 The first line printed is a hello ({"ready": true, ...}); every request gets exactly one
 reply line. Logs go to stderr. Every page checksum reported is sc.page_checksum of the
@@ -170,7 +171,11 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--address")
     ap.add_argument("--secret")
+    ap.add_argument("--part-bytes", type=int, help="size of the parts large deltas move in")
     args = ap.parse_args()
+    if args.part_bytes:
+        from statecore import transfer
+        transfer.PART_BYTES = args.part_bytes
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.role}[%(process)d] %(message)s")
     if args.role == "primary":

@@ -270,6 +270,36 @@ def test_per_page_checksums_are_murmur3_low_half(history):
         assert sc.page_checksum(data) == murmur(data)
 
 
+@pytest.mark.parametrize("page_size", [512, 1024, 4096, 65536])
+def test_batch_page_checksums_are_the_same_function(page_size):
+    # Replication and Delta.decode hash several pages side by side: same values.
+    from statecore import _core
+    rng = np.random.default_rng(page_size)
+    for n in (0, 1, 3, 4, 7, 8, 9, 17):
+        data = rng.integers(0, 256, n * page_size, dtype=np.uint8).tobytes()
+        got = np.frombuffer(_core.page_checksums(data, page_size), dtype="<u8")
+        want = [murmur(data[i * page_size:(i + 1) * page_size]) for i in range(n)]
+        assert got.tolist() == want
+    with pytest.raises(ValueError, match="whole pages"):
+        _core.page_checksums(b"x" * 100, 64)
+    with pytest.raises(ValueError, match="whole pages"):
+        _core.page_checksums(b"x" * 100, 0)
+
+
+def test_decode_names_the_first_page_that_fails_its_checksum():
+    s = new_store(size=64 * PS)
+    try:
+        s.write(0, np.random.default_rng(3).integers(0, 256, s.size, dtype=np.uint8).tobytes())
+        buf = bytearray(s.delta(0).encode())
+    finally:
+        s.close()
+    for entry in (63, 40, 9):  # each flip is the lowest bad page when it is made
+        buf[HEADER + 64 * 24 + entry * PS + 5] ^= 1
+        with pytest.raises(sc.CorruptDelta, match=rf"checksum mismatch in page {entry} "
+                                                  rf"\(entry {entry}\)"):
+            sc.Delta.decode(buf)
+
+
 # ---- zero-copy buffers ------------------------------------------------------------------------
 
 def test_page_ids_is_a_read_only_view_of_the_buffer(history):

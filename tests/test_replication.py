@@ -623,6 +623,200 @@ def test_follower_ahead_of_the_primary_is_refused(cleanup, tmp_path):
         f.wait_for(primary.epoch + 10, timeout=10)
 
 
+# ---- large deltas in parts ------------------------------------------------------------------
+@pytest.fixture
+def part_pages(monkeypatch):
+    """Parts of 4 pages (followers ask for that, primaries send at most that), so the
+    256 KiB stores of these tests move in many parts."""
+    from statecore import transfer
+    monkeypatch.setattr(transfer, "PART_BYTES", 4 * PS)
+    return 4
+
+
+def sums_of(store: sc.Store, pages) -> List[int]:
+    return [sc.page_checksum(store.read(p * PS, PS)) for p in pages]
+
+
+def test_full_sync_in_parts_is_one_delta_and_byte_identical(cleanup, part_pages):
+    rng = np.random.default_rng(20)
+    store = sc.Store(size=SIZE)
+    cleanup(store)
+    random_writes(store, rng, N_PAGES)  # every page: delta(0, E) carries all 64
+    primary = sc.Primary(store)
+    cleanup(primary)
+    replica = sc.Store(size=SIZE)
+    cleanup(replica)
+    follower = sc.Follower(replica, primary.address)
+    cleanup(follower)
+    converge(follower, store, primary.epoch)
+    st = follower.status()
+    assert st["parts_received"] == N_PAGES // part_pages and st["deltas_applied"] == 1, st
+    assert st["bytes_received"] >= SIZE
+    assert replica.uuid == store.uuid
+    # A large change goes in parts, a small one as one DELTA frame.
+    random_writes(store, rng, 4 * part_pages + 1, small=0)
+    converge(follower, store, primary.publish())
+    st2 = follower.status()
+    assert st2["parts_received"] - st["parts_received"] == 5 and st2["deltas_applied"] == 2
+    random_writes(store, rng, 2, small=0)
+    converge(follower, store, primary.publish())
+    st3 = follower.status()
+    assert st3["parts_received"] == st2["parts_received"] and st3["deltas_applied"] == 3
+    from statecore.replication import _resume_epoch
+    assert _resume_epoch(replica) == follower.epoch
+
+
+def test_writes_published_during_a_sync_in_parts_follow_it(cleanup, part_pages):
+    rng = np.random.default_rng(21)
+    store = sc.Store(size=SIZE)
+    cleanup(store)
+    random_writes(store, rng, N_PAGES)
+    primary = sc.Primary(store)
+    cleanup(primary)
+    proxy = Proxy(primary.address, rate=400_000)  # the sync takes about 0.7 s
+    cleanup(proxy)
+    follower = sc.Follower(sc.Store(size=SIZE), proxy.address)
+    cleanup(follower)
+    cleanup(follower.store)
+    wait_until(lambda: follower.parts_received >= 2, what="the sync to start")
+    for _ in range(3):  # rewrites pages the sync is sending, and publishes meanwhile
+        random_writes(store, rng, 10)
+        last = primary.publish()
+    converge(follower, store, last, timeout=20)
+    assert follower.status()["connects"] == 1
+
+
+def test_a_sync_cut_in_the_middle_of_parts_says_nothing_and_resumes(cleanup, part_pages):
+    """The connection drops while a full sync is half applied: the follower's epoch stays
+    0 (wait_for does not return), the store remembers to resume from 0 although its own
+    epoch moved with the parts applied, and the follower reconnects and ends identical."""
+    from statecore.replication import _resume_epoch
+    rng = np.random.default_rng(22)
+    store = sc.Store(size=SIZE)
+    cleanup(store)
+    random_writes(store, rng, N_PAGES)
+    primary = sc.Primary(store)
+    cleanup(primary)
+    proxy = Proxy(primary.address, rate=100_000)  # about 2.6 s for the whole sync
+    cleanup(proxy)
+    replica = sc.Store(size=SIZE)
+    cleanup(replica)
+    follower = sc.Follower(replica, proxy.address)
+    cleanup(follower)
+    wait_until(lambda: follower.parts_received >= 3, what="some parts to arrive")
+    assert follower.epoch == 0
+    with pytest.raises(TimeoutError):
+        follower.wait_for(primary.epoch, timeout=0)
+    wait_until(lambda: replica.epoch > 1, what="a part to be applied")
+    assert sums_of(replica, range(4)) == sums_of(store, range(4))  # the first part is in
+    assert _resume_epoch(replica) == 0
+    proxy.rate = None
+    proxy.drop_all()
+    converge(follower, store, primary.epoch, timeout=20)
+    assert follower.status()["connects"] >= 2
+    assert _resume_epoch(replica) == follower.epoch == primary.epoch
+
+
+def test_a_new_follower_on_a_half_synced_store_starts_over_from_zero(cleanup, part_pages):
+    from statecore.replication import _resume_epoch
+    rng = np.random.default_rng(23)
+    store = sc.Store(size=SIZE)
+    cleanup(store)
+    random_writes(store, rng, N_PAGES)
+    primary = sc.Primary(store)
+    cleanup(primary)
+    proxy = Proxy(primary.address, rate=100_000)
+    cleanup(proxy)
+    replica = sc.Store(size=SIZE)
+    cleanup(replica)
+    first = sc.Follower(replica, proxy.address)
+    wait_until(lambda: replica.epoch > 1, what="a part to be applied")
+    first.close()
+    assert first.epoch == 0 and _resume_epoch(replica) == 0
+    assert replica.epoch > primary.epoch  # the store's own counter is no guide
+    second = sc.Follower(replica, primary.address)
+    cleanup(second)
+    assert second.epoch == 0
+    converge(second, store, primary.epoch)
+
+
+def test_a_large_commit_goes_in_parts_cut_from_its_own_buffer(cleanup, tmp_path, part_pages):
+    """A caught-up follower gets a commit's own delta; when it is large, in parts whose
+    pages are views of that delta's buffer (new headers and indexes, the same checksums)."""
+    rng = np.random.default_rng(25)
+    ds = sc.DurableStore(tmp_path / "primary", size=SIZE)
+    cleanup(ds)
+    primary = sc.Primary(ds)
+    cleanup(primary)
+    replica = sc.Store(size=SIZE)
+    cleanup(replica)
+    follower = sc.Follower(replica, primary.address)
+    cleanup(follower)
+    converge(follower, ds, primary.epoch)
+    for pages in (N_PAGES, 4 * part_pages + 3, part_pages, 1):
+        before = follower.status()
+        ids = np.sort(rng.choice(N_PAGES, size=pages, replace=False))
+        ds.write_pages(ids, rng.integers(0, 256, pages * PS, dtype=np.uint8))
+        e = ds.commit()
+        converge(follower, ds, e)
+        st = follower.status()
+        want = -(-pages // part_pages) if pages > part_pages else 0
+        assert st["parts_received"] - before["parts_received"] == want, (pages, st)
+        assert st["deltas_applied"] - before["deltas_applied"] == 1
+
+
+def test_parts_cross_tls(cleanup, tmp_path, part_pages):
+    cert, key = make_cert(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(cert))
+    rng = np.random.default_rng(26)
+    ds = sc.DurableStore(tmp_path / "primary", size=SIZE)
+    cleanup(ds)
+    random_writes(ds, rng, N_PAGES)
+    ds.commit()
+    primary = sc.Primary(ds, ssl=server)  # a full sync built in parts
+    cleanup(primary)
+    follower = sc.Follower(sc.Store(size=SIZE), primary.address, ssl=client,
+                           server_hostname=LOCAL)
+    cleanup(follower)
+    cleanup(follower.store)
+    converge(follower, ds, primary.epoch)
+    random_writes(ds, rng, 3 * part_pages)
+    converge(follower, ds, ds.commit())  # a commit's delta cut in parts
+    assert follower.status()["parts_received"] >= N_PAGES // part_pages + 3
+
+
+def test_a_durable_follower_takes_large_deltas_whole(cleanup, tmp_path, part_pages):
+    """A DurableStore journals each delta it applies as one record, so it does not ask
+    for parts; a follower in memory on the same primary gets them."""
+    rng = np.random.default_rng(24)
+    ds = sc.DurableStore(tmp_path / "primary", size=SIZE)
+    cleanup(ds)
+    random_writes(ds, rng, N_PAGES)
+    ds.commit()
+    random_writes(ds, rng, 3)
+    # The published commit is a delta from the last one, not from 0: a fresh follower's
+    # full sync is built for it (and moves in parts where the follower takes them).
+    primary = sc.Primary(ds)
+    cleanup(primary)
+    durable = sc.DurableStore(tmp_path / "replica", size=SIZE)
+    cleanup(durable)
+    mem = sc.Store(size=SIZE)
+    cleanup(mem)
+    followers = [sc.Follower(durable, primary.address), sc.Follower(mem, primary.address)]
+    for f in followers:
+        cleanup(f)
+    for _ in range(2):
+        random_writes(ds, rng, 20)
+        e = ds.commit()
+        for f in followers:
+            converge(f, ds, e)
+    assert followers[0].status()["parts_received"] == 0
+    assert followers[1].status()["parts_received"] >= N_PAGES // part_pages
+    assert durable.replica_epoch == e
+
+
 # ---- separate processes ---------------------------------------------------------------------
 class Child:
     """A replication_child.py process: JSON requests on stdin, one JSON reply per line."""
@@ -723,11 +917,14 @@ def converged(follower: Child, reply: Dict[str, Any], timeout: float = 20) -> Di
     return w
 
 
-def test_processes_converge_byte_identical_at_each_awaited_epoch(spawn, tmp_path):
-    p = primary_proc(spawn, tmp_path)
+@pytest.mark.parametrize("part_bytes", [None, 2 * PS])
+def test_processes_converge_byte_identical_at_each_awaited_epoch(spawn, tmp_path, part_bytes):
+    parts = () if part_bytes is None else ("--part-bytes", str(part_bytes))
+    p = primary_proc(spawn, tmp_path, "primary", *parts)
     addr = address_of(p)
-    followers = [follower_proc(spawn, "mem", addr),
-                 follower_proc(spawn, "durable", addr, "--dir", str(tmp_path / "fdir"))]
+    followers = [follower_proc(spawn, "mem", addr, *parts),
+                 follower_proc(spawn, "durable", addr, "--dir", str(tmp_path / "fdir"),
+                               *parts)]
     rng = np.random.default_rng(10)
     for step in range(10):
         pages = MP_PAGES if step == 0 else (0 if step == 4 else int(rng.integers(1, 40)))
@@ -742,6 +939,9 @@ def test_processes_converge_byte_identical_at_each_awaited_epoch(spawn, tmp_path
     assert followers[1].call("status")["status"]["replica_epoch"] == r["epoch"]
     fl = p.call("followers")["followers"]
     assert len(fl) == 2 and all(s["state"] == "streaming" for s in fl), fl
+    parts = [f.call("status")["status"]["parts_received"] for f in followers]
+    assert parts[1] == 0  # a durable follower takes deltas whole
+    assert (parts[0] >= MP_PAGES // 2) == (part_bytes is not None), parts
 
 
 def test_follower_process_killed_mid_stream_resumes_from_its_journal(spawn, tmp_path):

@@ -56,9 +56,10 @@ def control(ftype: int, payload: Dict[str, Any]) -> bytes:
 
 
 def receive(data: bytes, limit: int = 1 << 20, *, json_expect: Optional[int] = None,
-            decode: bool = True) -> Tuple[int, Any]:
+            decode: bool = True, part_limit: int = 1 << 20) -> Tuple[int, Any]:
     """Feed `data` (then EOF) to wire.recv_frame on the other end of a socketpair. A DELTA
-    body goes through Delta.decode, a control body through the JSON parser."""
+    body goes through Delta.decode, a PART body through wire.part_fields and Delta.decode
+    of the delta after its part header, a control body through the JSON parser."""
     a, b = socket.socketpair()
     writer = None
     try:
@@ -77,9 +78,12 @@ def receive(data: bytes, limit: int = 1 << 20, *, json_expect: Optional[int] = N
             writer.start()
         if json_expect is not None:
             return json_expect, wire.recv_json(b, json_expect, limit)
-        ftype, body = wire.recv_frame(b, limit)
+        ftype, body = wire.recv_frame(b, limit, part_limit=part_limit)
         if decode and ftype == wire.DELTA:
             return ftype, sc.Delta.decode(body)
+        if decode and ftype == wire.PART:
+            fields = wire.part_fields(body)
+            return ftype, (fields, sc.Delta.decode(body[wire.PART_HEADER_SIZE:]))
         if decode:
             return ftype, wire._parse_json(body)
         return ftype, body
@@ -112,6 +116,30 @@ def small_delta() -> bytes:
 
 
 DELTA_BODY = small_delta()
+
+
+def part_bodies(n_pages: int = 8, part_pages: int = 3, page_size: int = PS,
+                seed: int = 11) -> List[bytes]:
+    """The PART frame bodies of delta(0, now) of a store whose n_pages pages all hold
+    random bytes, as a primary builds them, part_pages pages a part."""
+    from statecore.transfer import PartBuilder
+    rng = np.random.default_rng(seed)
+    s = sc.Store(size=n_pages * page_size, page_size=page_size)
+    try:
+        s.write(0, rng.integers(0, 256, s.size, dtype=np.uint8).tobytes())
+        with s.snapshot() as snap:
+            ids = np.frombuffer(s._changed_pages(0, snap.epoch)[0], dtype=np.uint64)
+            builder = PartBuilder(s, part_pages)
+            try:
+                return [bytes(body) for ftype, body, last
+                        in builder.frames(0, snap.epoch, ids.copy())]
+            finally:
+                builder.close()
+    finally:
+        s.close()
+
+
+PART_BODIES = part_bodies()
 HELLO_BODY = json.dumps({"nonce": os.urandom(16).hex()}).encode()
 
 
@@ -186,6 +214,75 @@ def test_every_bit_flip_in_a_delta_frame_is_refused():
     assert all(b // 8 < digest for b in kinds["ProtocolError"])
 
 
+def test_part_frames_round_trip_and_cover_the_delta():
+    bodies = part_bodies()  # 8 pages of 512 B, 3 a part
+    assert len(bodies) == 3
+    ids, pages = [], []
+    for seq, body in enumerate(bodies):
+        ftype, (fields, delta) = receive(frame(wire.PART, body))
+        assert ftype == wire.PART
+        assert (fields.seq, fields.first, fields.total) == (seq, 3 * seq, 8)
+        assert delta.n_pages == min(3, 8 - 3 * seq) and delta.base_epoch == 0
+        ids += delta.page_ids.tolist()
+        pages.append(bytes(delta.payload))
+    assert ids == list(range(8))
+    # The header the frame carries by default says version 2, what PART needs.
+    assert wire.HEADER.unpack(wire.frame_header(wire.PART, bodies[0]))[1] == 2
+
+
+def test_parts_cut_from_a_built_delta_are_its_pages_with_its_checksums():
+    from statecore.transfer import split
+    d = sc.Delta.decode(big_delta_body())
+    got_ids, got_pages = [], bytearray()
+    for seq, (pieces, last) in enumerate(split(d, 3)):
+        body = b"".join(bytes(p) for p in pieces)
+        # The first piece is the whole digest part: the frame checksum is the same.
+        assert wire.frame_header(wire.PART, pieces[0], length=len(body)) == \
+            wire.frame_header(wire.PART, body)
+        ftype, (fields, part) = receive(frame(wire.PART, body))
+        assert (fields.seq, fields.first, fields.total) == (seq, 3 * seq, d.n_pages)
+        assert last == (fields.first + part.n_pages == d.n_pages)
+        assert (part.base_epoch, part.target_epoch) == (d.base_epoch, d.target_epoch)
+        got_ids += part.page_ids.tolist()
+        got_pages += bytes(part.payload)
+        assert part.checksums.tolist() == d.checksums[3 * seq:3 * seq + part.n_pages].tolist()
+    assert got_ids == d.page_ids.tolist() and bytes(got_pages) == bytes(d.payload)
+
+
+def big_delta_body() -> bytes:
+    s = sc.Store(size=11 * PS, page_size=PS)
+    try:
+        s.write(0, np.random.default_rng(13).integers(0, 256, s.size, dtype=np.uint8).tobytes())
+        return bytes(s.delta(0).encode())
+    finally:
+        s.close()
+
+
+def test_every_truncation_of_a_part_frame_is_a_connection_error():
+    data = frame(wire.PART, PART_BODIES[0])
+    for cut in range(len(data)):
+        e = refused(data[:cut])
+        assert type(e) is ConnectionError, (cut, e)
+
+
+def test_every_bit_flip_in_a_part_frame_is_refused():
+    data = frame(wire.PART, PART_BODIES[0])
+    kinds = _flip_outcomes(data, range(len(data) * 8))
+    assert set(kinds) <= {"ProtocolError", "ConnectionError", "CorruptDelta"}, kinds
+    # The frame checksum covers the part header, the delta's header and its index;
+    # Delta.decode catches the pages.
+    digest = wire.HEADER_SIZE + wire.PART_HEADER_SIZE + _core.HEADER_SIZE + 24 * 3
+    assert all(b // 8 >= digest for b in kinds["CorruptDelta"])
+    assert all(b // 8 < digest for b in kinds["ProtocolError"])
+
+
+@settings(max_examples=200)
+@given(body=st.binary(max_size=300))
+def test_random_part_bodies_with_a_valid_frame_checksum_are_refused(body):
+    e = refused(frame(wire.PART, body))
+    assert isinstance(e, (wire.ProtocolError, sc.CorruptDelta))
+
+
 @settings(max_examples=250)
 @given(st.binary(max_size=400))
 def test_random_bytes_are_refused(data):
@@ -217,11 +314,12 @@ def test_random_bodies_with_a_valid_frame_checksum_are_refused(body, ftype):
 @pytest.mark.parametrize("length", ["cap+1", 2**32, 2**63, 2**64 - 1])
 def test_oversized_length_headers_are_refused_before_allocating(ftype, length):
     limit = 1 << 30  # what a follower of a 1 GiB store accepts for DELTA frames
-    cap = limit if ftype == wire.DELTA else wire.CONTROL_LIMIT
+    part_limit = wire.part_frame_limit(1024, 4096)  # and for PART frames (4 MiB parts)
+    cap = {wire.DELTA: limit, wire.PART: part_limit}.get(ftype, wire.CONTROL_LIMIT)
     n = cap + 1 if length == "cap+1" else length
     tracemalloc.start()
     try:
-        e = refused(raw_header(ftype, n) + b"x" * 64, limit=limit)
+        e = refused(raw_header(ftype, n) + b"x" * 64, limit=limit, part_limit=part_limit)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -239,15 +337,34 @@ def test_frames_at_the_limit_are_read_and_one_byte_more_is_not():
     assert receive(frame(wire.DELTA, DELTA_BODY), limit=len(DELTA_BODY))[0] == wire.DELTA
 
 
-@pytest.mark.parametrize("version", [0, 2, 3, 0x100, 0xFFFF])
+@pytest.mark.parametrize("version", [0, 3, 0x100, 0xFFFF])
 def test_wrong_protocol_versions_are_refused(version):
-    for ftype, body in ((wire.HELLO, HELLO_BODY), (wire.DELTA, DELTA_BODY)):
+    for ftype, body in ((wire.HELLO, HELLO_BODY), (wire.DELTA, DELTA_BODY),
+                        (wire.PART, PART_BODIES[0])):
         e = refused(frame(ftype, body, version=version))
         assert type(e) is wire.ProtocolError
         assert f"protocol version {version} not supported" in str(e)
 
 
-@pytest.mark.parametrize("ftype", [0, 9, 100, 0xFFFF])
+def test_both_protocol_versions_are_read_and_part_frames_need_version_2():
+    # A version-1 peer's frames are read; what this side sends by default is stamped with
+    # the version that introduced each frame type, so a version-1 peer reads it too.
+    for version in (1, 2):
+        assert receive(frame(wire.HELLO, HELLO_BODY, version=version))[0] == wire.HELLO
+        assert receive(frame(wire.DELTA, DELTA_BODY, version=version))[0] == wire.DELTA
+    assert wire.HEADER.unpack(wire.frame_header(wire.HELLO, HELLO_BODY))[1] == 1
+    assert wire.HEADER.unpack(wire.frame_header(wire.DELTA, DELTA_BODY))[1] == 1
+    assert wire.HEADER.unpack(wire.frame_header(wire.PART, PART_BODIES[0]))[1] == 2
+    e = refused(frame(wire.PART, PART_BODIES[0], version=1))
+    assert type(e) is wire.ProtocolError and "PART frames need protocol version 2" in str(e)
+
+
+def test_part_frames_are_refused_where_they_were_not_asked_for():
+    e = refused(frame(wire.PART, PART_BODIES[0]), part_limit=0)
+    assert type(e) is wire.ProtocolError and "unexpected PART frame" in str(e)
+
+
+@pytest.mark.parametrize("ftype", [0, 10, 100, 0xFFFF])
 def test_unknown_frame_types_are_refused(ftype):
     e = refused(raw_header(ftype, 2) + b"{}")
     assert "unknown frame type" in str(e)
@@ -449,8 +566,10 @@ ATTACKS: Dict[str, Tuple[Callable[[socket.socket], None], str]] = {
     "oversized HELLO": (_send(raw_header(wire.HELLO, 2**40)), "exceeds the limit"),
     "oversized DELTA first": (_send(raw_header(wire.DELTA, 2**62)), "exceeds the limit"),
     "max length": (_send(raw_header(wire.AUTH, 2**64 - 1)), "exceeds the limit"),
-    "wrong protocol version": (_send(frame(wire.HELLO, HELLO_BODY, version=2)),
-                               "protocol version 2 not supported"),
+    "wrong protocol version": (_send(frame(wire.HELLO, HELLO_BODY, version=3)),
+                               "protocol version 3 not supported"),
+    "PART from a follower": (_after_welcome(frame(wire.PART, PART_BODIES[0])),
+                             "unexpected PART frame"),
     "unknown frame type": (_send(raw_header(77, 2) + b"{}"), "unknown frame type 77"),
     "bad checksum": (_send(raw_header(wire.HELLO, len(HELLO_BODY), checksum=1) + HELLO_BODY),
                      "checksum mismatch"),
@@ -646,6 +765,62 @@ PRIMARY_ATTACKS = {
 }
 
 
+# PART frames of delta(0, E) of a store of the follower's geometry, 5 pages a part.
+PARTS = part_bodies(n_pages=SIZE // 4096, part_pages=5, page_size=4096, seed=12)
+PART_SOURCE_PAGES = 5  # pages 0..4 travel in PARTS[0]
+
+
+def _edit_part(body: bytes, **fields: int) -> bytes:
+    """A PART body with some of its part header or delta header fields rewritten (the
+    frame checksum is recomputed by frame(); the delta's own checksums are not)."""
+    b = bytearray(body)
+    seq, first, total, reserved = wire.PART_HEADER.unpack_from(b)
+    vals = dict(seq=seq, first=first, total=total, reserved=reserved)
+    vals.update({k: v for k, v in fields.items() if k in vals})
+    wire.PART_HEADER.pack_into(b, 0, vals["seq"], vals["first"], vals["total"],
+                               vals["reserved"])
+    if "compression" in fields:
+        struct.pack_into("<H", b, wire.PART_HEADER_SIZE + 12, fields["compression"])
+    if "n_pages" in fields:
+        struct.pack_into("<Q", b, wire.PART_HEADER_SIZE + 48, fields["n_pages"])
+    return bytes(b)
+
+
+def _other_geometry_part() -> bytes:
+    return part_bodies(n_pages=2 * SIZE // 4096, part_pages=5, page_size=4096)[0]
+
+
+def _corrupt_part(body: bytes) -> bytes:
+    b = bytearray(body)
+    b[-1] ^= 0xFF  # a page byte: only the page checksum can tell
+    return bytes(b)
+
+
+def _send_frames(*frames: bytes) -> Callable[[socket.socket], None]:
+    return _welcome_then(lambda c: [c.sendall(f) for f in frames])
+
+
+PRIMARY_ATTACKS.update({
+    "PART not first": (_send_frames(frame(wire.PART, PARTS[1])), wire.ProtocolError),
+    "PART corrupt page": (_send_frames(frame(wire.PART, _corrupt_part(PARTS[0]))),
+                          sc.CorruptDelta),
+    "PART compressed": (_send_frames(frame(wire.PART, _edit_part(PARTS[0], compression=1))),
+                        wire.ProtocolError),
+    "PART without pages": (_send_frames(frame(wire.PART, _edit_part(PARTS[0], n_pages=0))),
+                           wire.ProtocolError),
+    "PART reserved bits": (_send_frames(frame(wire.PART, _edit_part(PARTS[0], reserved=1))),
+                           wire.ProtocolError),
+    "PART stamped version 1": (_send_frames(frame(wire.PART, PARTS[0], version=1)),
+                               wire.ProtocolError),
+    "PART other geometry": (_send_frames(frame(wire.PART, _other_geometry_part())),
+                            sc.IncompatibleDelta),
+    "PART oversized": (_send_frames(raw_header(wire.PART, 2**40)), wire.ProtocolError),
+    "PART too short": (_send_frames(frame(wire.PART, b"x" * 40)), wire.ProtocolError),
+    "PART past its total": (_send_frames(frame(wire.PART, _edit_part(PARTS[0], total=3))),
+                            wire.ProtocolError),
+})
+
+
 @pytest.mark.parametrize("case", sorted(PRIMARY_ATTACKS))
 def test_follower_refuses_a_hostile_primary_and_applies_nothing(case):
     script, exc = PRIMARY_ATTACKS[case]
@@ -657,6 +832,59 @@ def test_follower_refuses_a_hostile_primary_and_applies_nothing(case):
             follower.wait_for(1, timeout=10)
         assert follower.status()["state"] == "failed"
         assert follower.epoch == 0 and store.read(0, SIZE) == bytes(SIZE)
+    finally:
+        done.set()
+        follower.close()
+        server.close()
+        store.close()
+
+
+# Valid first part, then something wrong: the first part was whole and valid, so it may
+# be applied; what follows is not, the follower's epoch never moves, and the store
+# remembers to resume from the epoch it had (0), not from its own moved epoch.
+PART_SEQUENCE_ATTACKS = {
+    "out of order": ([PARTS[0], PARTS[2]], wire.ProtocolError),
+    "repeated pages": ([PARTS[0], _edit_part(PARTS[0], seq=1, first=PART_SOURCE_PAGES)],
+                       wire.ProtocolError),
+    "total changes": ([PARTS[0], _edit_part(PARTS[1], total=999)], wire.ProtocolError),
+    "DELTA amid parts": ([PARTS[0], ("delta", _corrupt_delta())], wire.ProtocolError),
+    "corrupt second part": ([PARTS[0], _corrupt_part(PARTS[1])], sc.CorruptDelta),
+    "hang up": ([PARTS[0], "close"], ConnectionError),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PART_SEQUENCE_ATTACKS))
+def test_a_broken_sequence_of_parts_never_moves_the_followers_epoch(case):
+    from statecore.replication import _resume_epoch
+    steps, exc = PART_SEQUENCE_ATTACKS[case]
+
+    def script(conn: socket.socket) -> None:
+        for step in steps:
+            if step == "close":
+                conn.shutdown(socket.SHUT_RDWR)
+                return
+            if isinstance(step, tuple):
+                conn.sendall(frame(wire.DELTA, step[1]))
+            else:
+                conn.sendall(frame(wire.PART, step))
+
+    server, done = _fake_primary(_welcome_then(script))
+    store = sc.Store(size=SIZE)
+    follower = sc.Follower(store, server.getsockname()[:2], secret=SECRET, reconnect=False)
+    try:
+        with pytest.raises(exc):
+            follower.wait_for(1, timeout=10)
+        assert follower.status()["state"] == "failed"
+        assert follower.epoch == 0 and follower.deltas_applied == 0
+        assert _resume_epoch(store) == 0  # though the store's own epoch moved on
+        first = sc.Delta.decode(PARTS[0][wire.PART_HEADER_SIZE:])
+        second = sc.Delta.decode(PARTS[1][wire.PART_HEADER_SIZE:])
+        assert store.epoch == first.target_epoch + 1
+        # The first part is in, nothing of the second.
+        for delta, present in ((first, True), (second, False)):
+            for i, page in enumerate(delta.page_ids.tolist()):
+                got = store.read(page * 4096, 4096)
+                assert got == (bytes(delta.page(i)) if present else bytes(4096)), page
     finally:
         done.set()
         follower.close()

@@ -4,6 +4,7 @@
 #   test_kv      - the key-value layer: model test with snapshot views, full-region
 #                  atomicity, byte-flip fuzzing of a map in the store
 #   fuzz_decode  - deterministic mutation fuzzer of the delta/checkpoint decoder
+#   test_delta_pages - batch page checksums and page-list deltas (replication's parts)
 # Called by .ci/run from the repo root as `bash csrc/tests/run_sanitized.sh`; works from
 # anywhere. Builds in a fresh temp dir (never in the repo). Exits non-zero on any failure.
 # Optional environment: CC (default gcc), FUZZ_ITERATIONS (default 20000), SEED.
@@ -45,7 +46,9 @@ p1=$!
 p2=$!
 "$cc" "${flags[@]}" "$here/test_kv.c" "${objs[@]}" -o "$build/test_kv" &
 p3=$!
-wait_all "$p1" "$p2" "$p3"
+"$cc" "${flags[@]}" "$here/test_delta_pages.c" "${objs[@]}" -o "$build/test_delta_pages" &
+p4=$!
+wait_all "$p1" "$p2" "$p3" "$p4"
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
@@ -61,6 +64,8 @@ echo "== test_core"
 run "$build/test_core" ${SEED:+"$SEED"} || status=1
 echo "== test_kv"
 run "$build/test_kv" ${SEED:+"$SEED"} || status=1
+echo "== test_delta_pages"
+run "$build/test_delta_pages" ${SEED:+"$SEED"} || status=1
 echo "== fuzz_decode"
 run "$build/fuzz_decode" "${FUZZ_ITERATIONS:-20000}" ${SEED:+"$SEED"} || status=1
 

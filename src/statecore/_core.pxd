@@ -135,3 +135,14 @@ cdef extern from "statecore.h" nogil:
     sc_status sc_replay_progress(sc_store *s, const sc_delta_view *views,
                                  const uint8_t *const *payloads, uint64_t k, int allow_gap,
                                  int threads, sc_replay_result *out, sc_progress *progress)
+
+
+cdef extern from "delta_pages.h" nogil:
+    uint64_t sc_delta_pages_bytes(uint64_t n, uint32_t page_size) noexcept
+    sc_status sc_delta_build_pages(sc_store *s, uint64_t since, uint64_t until,
+                                   const uint64_t *ids, uint64_t n, uint8_t *buf, uint64_t cap,
+                                   uint64_t *len_out)
+    void sc_page_checksums(const uint8_t *pages, uint64_t page_size, uint64_t n,
+                           uint64_t *out) noexcept
+    sc_status sc_verify_page_checksums(const uint8_t *pages, uint64_t page_size, uint64_t n,
+                                       const uint64_t *expect, int threads, uint64_t *bad_page)

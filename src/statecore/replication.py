@@ -9,9 +9,10 @@ swap the published snapshot, and each follower has its own thread.
 
 Handshake (control frames are JSON):
   F->P HELLO {nonce}                      P->F CHALLENGE {nonce, auth}
-  F->P AUTH {mac, page_size, size, uuid, epoch, fresh}
+  F->P AUTH {mac, page_size, size, uuid, epoch, fresh, part_pages}
   P->F WELCOME {mac, uuid, mode: "deltas"|"full", since}   or ERROR {message}
-  then P->F DELTA frames (encoded deltas), F->P ACK {epoch}, PING both ways when idle.
+  then P->F DELTA frames (encoded deltas) or, for a large delta to a follower that gave
+  part_pages, PART frames (see transfer.py); F->P ACK {epoch}, PING both ways when idle.
 With a secret, each side proves it with HMAC-SHA256 over both nonces before any state flows.
 """
 from __future__ import annotations
@@ -22,12 +23,17 @@ import socket
 import ssl as _ssl
 import threading
 import time
+import traceback
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
 
 from . import errors, wire
 from .delta import Delta
 from .snapshot import Snapshot
 from .store import Store
+from .transfer import (PartApplier, PartBuilder, clear_resume_marker, part_pages_for,
+                       resume_marker, split)
 
 log = logging.getLogger("statecore")
 
@@ -183,6 +189,8 @@ class _Session(threading.Thread):
         self._last_ack = time.monotonic()
         self._halt = threading.Event()
         self.error: Optional[str] = None
+        self.part_pages = 0  # > 0: the follower takes large deltas as PART frames
+        self._builder: Optional[PartBuilder] = None
 
     def status(self) -> Dict[str, Any]:
         target = self.primary.epoch
@@ -225,6 +233,8 @@ class _Session(threading.Thread):
                 self.conn.close()
             except OSError:
                 pass
+            if self._builder is not None:
+                self._builder.close()
 
     def _refuse(self, message: str) -> None:
         wire.send_error(self.conn, message)
@@ -258,6 +268,9 @@ class _Session(threading.Thread):
         else:
             self._refuse("follower holds another store (identity differs); start it from an "
                          "empty store to take a full sync")
+        asked = auth.get("part_pages")
+        if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0:
+            self.part_pages = min(asked, part_pages_for(store.page_size))
         wire.send_json(self.conn, wire.WELCOME, {
             "mac": wire.mac(p._secret, b"P", f_nonce, p_nonce), "uuid": store.uuid.hex(),
             "mode": mode, "since": since, "epoch": p.epoch})
@@ -276,25 +289,50 @@ class _Session(threading.Thread):
             if pub is None or pub.epoch <= self.sent:
                 wire.send_json(self.conn, wire.PING, {"epoch": self.sent})
                 continue
-            delta = self._delta_to(pub)
-            if delta is None:
-                continue
-            body = delta.encode()
-            # Logged before sending: the follower's ACK can arrive before send_frame returns.
-            self.bytes_sent += wire.HEADER_SIZE + memoryview(body).nbytes
-            self._sent_log.append((delta.target_epoch, self.bytes_sent))
-            wire.send_frame(self.conn, wire.DELTA, body)
-            self.sent = delta.target_epoch
+            commit = pub.delta
+            if commit is not None and commit.base_epoch == self.sent:
+                # The commit's own buffer: no extra work, no copy of its pages.
+                if self.part_pages and commit.n_pages > self.part_pages:
+                    for pieces, last in split(commit, self.part_pages):
+                        if self._halt.is_set() or p._closed:
+                            return
+                        self._send(wire.PART, pieces, pub.epoch if last else None)
+                else:
+                    self._send(wire.DELTA, [commit.encode()], pub.epoch)
+            else:
+                self._send_to(pub)
 
-    def _delta_to(self, pub: _Publication) -> Optional[Delta]:
+    def _send(self, ftype: int, pieces: List[Any], last_of: Optional[int]) -> None:
+        """One frame of these body pieces; `last_of`: the epoch the follower holds once it
+        has applied it."""
+        self.bytes_sent += wire.HEADER_SIZE + sum(memoryview(b).nbytes for b in pieces)
+        if last_of is not None:
+            # Logged before sending: the follower's ACK can arrive before send_frame returns.
+            self._sent_log.append((last_of, self.bytes_sent))
+        wire.send_frame(self.conn, ftype, *pieces)
+        if last_of is not None:
+            self.sent = last_of
+
+    def _send_to(self, pub: _Publication) -> None:
+        """delta(sent, pub] built from the published snapshot: one frame from a reused
+        buffer when it is small, PART frames when it is large and the follower takes
+        them, else one DELTA buffer as large as the delta."""
         try:
-            pub.snap._acquire()
+            store = pub.snap._acquire()
         except errors.SnapshotReleased:
-            return None  # replaced meanwhile; the loop picks up the newer one
+            return  # replaced meanwhile; the loop picks up the newer one
         try:
-            if pub.delta is not None and pub.delta.base_epoch == self.sent:
-                return pub.delta  # the commit's own buffer: no extra work, no copy
-            return self.primary.store.delta(self.sent, pub.snap)
+            ids = np.frombuffer(store._changed_pages(self.sent, pub.epoch)[0], dtype=np.uint64)
+            if self._builder is None:
+                self._builder = PartBuilder(store, self.part_pages or
+                                            part_pages_for(store.page_size))
+            if len(ids) > self._builder.part_pages and not self.part_pages:
+                self._send(wire.DELTA, [store.delta(self.sent, pub.snap).encode()], pub.epoch)
+                return
+            for ftype, body, last in self._builder.frames(self.sent, pub.epoch, ids):
+                if self._halt.is_set() or self.primary._closed:
+                    return
+                self._send(ftype, [body], pub.epoch if last else None)
         finally:
             pub.snap._done()
 
@@ -372,6 +410,11 @@ class Follower:
         self.connects = 0
         self.bytes_received = 0
         self.deltas_applied = 0
+        self.parts_received = 0
+        # Large deltas in parts (applied while the rest is on the wire) for stores that
+        # apply in memory; a DurableStore journals each delta whole, so it takes them whole.
+        self._part_pages = (0 if hasattr(store, "apply_replicated")
+                            else part_pages_for(store.page_size))
         self._epoch = _resume_epoch(store)
         # Until a primary has accepted us, the epoch is only what the store claims to hold:
         # wait_for must not report a state the primary never confirmed.
@@ -401,6 +444,7 @@ class Follower:
     def status(self) -> Dict[str, Any]:
         return {"state": self.state, "epoch": self._epoch, "connects": self.connects,
                 "bytes_received": self.bytes_received, "deltas_applied": self.deltas_applied,
+                "parts_received": self.parts_received,
                 "error": None if self.error is None else str(self.error)}
 
     def close(self) -> None:
@@ -435,7 +479,7 @@ class Follower:
             except (OSError, errors.StateError, ValueError) as e:
                 if self._stop.is_set():
                     return
-                self.error = e
+                self.error = _kept(e)
                 log.info("statecore: follower connection to %s:%d lost: %s", *self.address, e)
                 if not self._reconnect:
                     self._fail(e)
@@ -445,7 +489,7 @@ class Follower:
             backoff = min(backoff * 2, 2.0)
 
     def _fail(self, e: BaseException) -> None:
-        self.error = e
+        self.error = _kept(e)
         self.state = "failed"
         log.warning("statecore: follower of %s:%d stopped: %s", *self.address, e)
         with self._cond:
@@ -456,27 +500,52 @@ class Follower:
         if self._ssl is not None:
             sock = self._ssl.wrap_socket(sock, server_hostname=self._hostname)
         self._sock = sock
+        parts: Optional[PartApplier] = None
         try:
             if self._stop.is_set():
                 return
             self.connects += 1
             limit = wire.delta_frame_limit(self.store.size, self.store.page_size)
             reuse = wire.RecvBuffer()
+            if self._part_pages:
+                parts = PartApplier(self.store, self._part_pages, _apply_replicated,
+                                    lambda: _shutdown(sock))
             self._handshake(sock)
             sock.settimeout(PING_INTERVAL * 5)  # the primary pings when idle
             self.state = "streaming"
             self.error = None
-            while not self._stop.is_set():
-                ftype, body = wire.recv_frame(sock, limit, reuse)
-                if ftype == wire.DELTA:
-                    self._apply(body, sock)
-                elif ftype == wire.ERROR:
-                    raise wire.peer_error(wire._parse_json(body))
-                elif ftype != wire.PING:
-                    raise wire.ProtocolError(f"unexpected {wire.NAMES[ftype]} from primary")
+            try:
+                self._receive(sock, limit, reuse, parts)
+            except (OSError, errors.StateError, ValueError):
+                if parts is not None:
+                    parts.raise_failure()  # a part failed: that, not the closed socket
+                raise
         finally:
             self._sock = None
+            if parts is not None:
+                parts.close()  # no part is applied once the session is over
             sock.close()
+
+    def _receive(self, sock: socket.socket, limit: int, reuse: wire.RecvBuffer,
+                 parts: Optional[PartApplier]) -> None:
+        while not self._stop.is_set():
+            ftype, body = wire.recv_frame(sock, limit, parts.buffer() if parts else reuse,
+                                          parts.limit if parts else 0)
+            if ftype == wire.PART:
+                assert parts is not None  # recv_frame refuses PART frames otherwise
+                self.bytes_received += wire.HEADER_SIZE + len(body)
+                self.parts_received += 1
+                done = parts.part(body, self._epoch)
+                if done is not None:
+                    self._applied(done[0], done[1], sock)
+            elif ftype == wire.DELTA:
+                if parts is not None and parts.in_transfer:
+                    raise wire.ProtocolError("DELTA in the middle of a delta sent in parts")
+                self._apply(body, sock)
+            elif ftype == wire.ERROR:
+                raise wire.peer_error(wire._parse_json(body))
+            elif ftype != wire.PING:
+                raise wire.ProtocolError(f"unexpected {wire.NAMES[ftype]} from primary")
 
     def _handshake(self, sock: socket.socket) -> None:
         store = self.store
@@ -487,9 +556,12 @@ class Follower:
         if challenge.get("auth") and self._secret is None:
             raise wire.AuthenticationError("primary requires a secret and none was given")
         fresh = _is_fresh(store)
-        wire.send_json(sock, wire.AUTH, {
-            "mac": wire.mac(self._secret, b"F", p_nonce, f_nonce), "page_size": store.page_size,
-            "size": store.size, "uuid": store.uuid.hex(), "epoch": self._epoch, "fresh": fresh})
+        auth = {"mac": wire.mac(self._secret, b"F", p_nonce, f_nonce),
+                "page_size": store.page_size, "size": store.size, "uuid": store.uuid.hex(),
+                "epoch": self._epoch, "fresh": fresh}
+        if self._part_pages:
+            auth["part_pages"] = self._part_pages
+        wire.send_json(sock, wire.AUTH, auth)
         welcome = wire.recv_json(sock, wire.WELCOME)
         if self._secret is not None and not wire.check_mac(self._secret, b"P", f_nonce,
                                                            p_nonce, welcome.get("mac")):
@@ -505,21 +577,46 @@ class Follower:
         delta = Delta.decode(body, copy=False)
         self.bytes_received += len(body) + wire.HEADER_SIZE
         _apply_replicated(self.store, delta)
+        self._applied(delta.target_epoch, len(body), sock)
+
+    def _applied(self, target: int, nbytes: int, sock: socket.socket) -> None:
+        """A whole delta up to `target` is applied: say so, here and to the primary."""
         self.deltas_applied += 1
-        epoch = max(self._epoch, delta.target_epoch)
+        epoch = max(self._epoch, target)
         self.store._replica_epoch = epoch
+        clear_resume_marker(self.store)
         if self._on_apply is not None:
-            self._on_apply(epoch, len(body))  # before waiters wake: they may read its effects
+            self._on_apply(epoch, nbytes)  # before waiters wake: they may read its effects
         with self._cond:
             self._epoch = epoch
             self._cond.notify_all()
         wire.send_json(sock, wire.ACK, {"epoch": epoch})
 
 
+def _kept(e: BaseException) -> BaseException:
+    """An error to keep on the follower: its traceback keeps file and line, but not the
+    locals of the finished frames. Those hold deltas over receive buffers; kept, they
+    would sit in a cycle (follower -> error -> traceback -> frame -> follower) that the
+    garbage collector may break by releasing a buffer that a delta still exports."""
+    traceback.clear_frames(e.__traceback__)
+    return e
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def _resume_epoch(store: Store) -> int:
     """The newest primary epoch whose state `store` holds. A store that followed before
-    remembers it; otherwise (new, or restored from the primary's checkpoint) it is the
+    remembers it (or, left in the middle of a delta sent in parts, the epoch that delta
+    started from); otherwise (new, or restored from the primary's checkpoint) it is the
     last closed epoch."""
+    partial = resume_marker(store)
+    if partial is not None:
+        return int(partial)
     known = getattr(store, "_replica_epoch", 0)
     return int(known) if known else store.epoch - 1
 

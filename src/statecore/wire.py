@@ -3,29 +3,46 @@
 Frame header (24 bytes, little-endian):
   magic b"SCW1" | protocol version u16 | frame type u16 | body length u64 |
   checksum u64 = murmur3 of (the first 16 header bytes + the body's digest part)
-The digest part is the whole body for control frames (small JSON) and the delta's header
-and index for DELTA frames: the index carries a checksum of every page, and the receiver
-decodes (fully validates) every delta before applying it."""
+The digest part is the whole body for control frames (small JSON); for DELTA frames the
+delta's header and index, for PART frames the part header and the delta's header and
+index: the index carries a checksum of every page, and the receiver decodes (fully
+validates) every delta before applying it.
+
+Versions: a frame carries the version of the protocol that introduced its type (1 for
+all but PART, 2), so a peer that speaks only version 1 reads every frame it is ever sent:
+PART frames go only to followers that asked for them in AUTH. A receiver accepts
+versions 1 to PROTOCOL_VERSION and refuses a PART frame that claims version 1.
+
+PART (version 2): one part of a large delta(a, b], sent in order. Body:
+  seq u64 (0, 1, ...) | first u64 (pages of the delta sent before this part) |
+  total u64 (pages in the whole delta) | reserved u64 (0) | an encoded delta (a, b] of
+  the next pages (uncompressed, at least one page, page ids above the previous part's)
+The last part is the one with first + its pages == total."""
 from __future__ import annotations
 
 import json
 import socket
 import struct
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from . import _core, errors
 
 MAGIC = b"SCW1"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2       # the newest this side speaks
+MIN_PROTOCOL_VERSION = 1   # the oldest it still reads
 HEADER = struct.Struct("<4sHHQQ")
 HEADER_SIZE = HEADER.size  # 24
 CONTROL_LIMIT = 64 << 10   # control frames (JSON) are small; a peer cannot make us allocate more
 
-HELLO, CHALLENGE, AUTH, WELCOME, DELTA, ACK, PING, ERROR = range(1, 9)
+HELLO, CHALLENGE, AUTH, WELCOME, DELTA, ACK, PING, ERROR, PART = range(1, 10)
 NAMES = {HELLO: "HELLO", CHALLENGE: "CHALLENGE", AUTH: "AUTH", WELCOME: "WELCOME",
-         DELTA: "DELTA", ACK: "ACK", PING: "PING", ERROR: "ERROR"}
+         DELTA: "DELTA", ACK: "ACK", PING: "PING", ERROR: "ERROR", PART: "PART"}
+INTRODUCED = {PART: 2}     # frame type -> the protocol version that added it (else 1)
+
+PART_HEADER = struct.Struct("<QQQQ")  # seq, first, total, reserved
+PART_HEADER_SIZE = PART_HEADER.size   # 32: the delta after it stays 8-byte aligned
 
 
 class ProtocolError(errors.StateError):
@@ -42,22 +59,32 @@ class PeerError(errors.StateError):
 
 def _digest_part(ftype: int, body: Any) -> bytes:
     mv = memoryview(body).cast("B")
-    if ftype != DELTA:
+    if ftype not in (DELTA, PART):
         return bytes(mv)
-    n = struct.unpack_from("<Q", mv, 48)[0] if len(mv) >= 56 else 0
-    return bytes(mv[:min(len(mv), _core.HEADER_SIZE + 24 * n)])
+    off = PART_HEADER_SIZE if ftype == PART else 0
+    n = struct.unpack_from("<Q", mv, off + 48)[0] if len(mv) >= off + 56 else 0
+    return bytes(mv[:min(len(mv), off + _core.HEADER_SIZE + 24 * n)])
 
 
-def frame_header(ftype: int, body: Any, version: int = PROTOCOL_VERSION) -> bytes:
-    length = memoryview(body).nbytes
+def frame_header(ftype: int, body: Any, version: Optional[int] = None,
+                 length: Optional[int] = None) -> bytes:
+    """The 24-byte header of a frame; `version` defaults to the one that introduced the
+    frame's type (a test may stamp any). With `length`, `body` is only the start of a
+    longer body, and holds its whole digest part."""
+    if version is None:
+        version = INTRODUCED.get(ftype, MIN_PROTOCOL_VERSION)
+    if length is None:
+        length = memoryview(body).nbytes
     head = struct.pack("<4sHHQ", MAGIC, version, ftype, length)
     return head + struct.pack("<Q", _core.page_checksum(head + _digest_part(ftype, body)))
 
 
-def send_frame(sock: socket.socket, ftype: int, body: Any) -> int:
-    """Send header and body without copying the body (sendmsg where available)."""
-    parts: List[memoryview] = [memoryview(frame_header(ftype, body)),
-                               memoryview(body).cast("B")]
+def send_frame(sock: socket.socket, ftype: int, body: Any, *more: Any) -> int:
+    """Send header and body without copying the body (sendmsg where available). The body
+    may come in pieces (`more` after the first); the first holds the digest part."""
+    pieces = [memoryview(b).cast("B") for b in (body, *more)]
+    length = sum(p.nbytes for p in pieces)
+    parts: List[memoryview] = [memoryview(frame_header(ftype, body, length=length)), *pieces]
     total = sum(p.nbytes for p in parts)
     if not hasattr(sock, "sendmsg") or _is_tls(sock):
         for p in parts:
@@ -83,9 +110,9 @@ def send_json(sock: socket.socket, ftype: int, payload: Dict[str, Any]) -> None:
 
 
 class RecvBuffer:
-    """A receive buffer reused across DELTA frames: a fresh bytearray per frame costs a
-    zeroing pass and a page fault per page, more than receiving the bytes. The body of the
-    last frame is valid until the next receive into the same buffer."""
+    """A receive buffer reused across DELTA and PART frames: a fresh bytearray per frame
+    costs a zeroing pass and a page fault per page, more than receiving the bytes. The body
+    of the last frame is valid until the next receive into the same buffer."""
 
     def __init__(self) -> None:
         self._mem = np.empty(0, dtype=np.uint8)
@@ -111,24 +138,31 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def recv_frame(sock: socket.socket, limit: int,
-               reuse: Optional[RecvBuffer] = None) -> Tuple[int, Any]:
-    """One frame: (type, body). The length is checked against `limit` before any
-    allocation; the checksum before anything looks at the body. With `reuse`, a DELTA
-    body is received into that buffer instead of a new bytearray."""
+def recv_frame(sock: socket.socket, limit: int, reuse: Optional[RecvBuffer] = None,
+               part_limit: int = 0) -> Tuple[int, Any]:
+    """One frame: (type, body). The length is checked against `limit` (DELTA),
+    `part_limit` (PART; 0: PART frames were not asked for and are refused) or the control
+    limit before any allocation; the checksum before anything looks at the body. With
+    `reuse`, a DELTA or PART body is received into that buffer instead of a new
+    bytearray."""
     raw = _recv_exact(sock, HEADER_SIZE)
     magic, version, ftype, length, checksum = HEADER.unpack(raw)
     if magic != MAGIC:
         raise ProtocolError(f"not a statecore peer: bad magic {bytes(magic)!r}")
-    if version != PROTOCOL_VERSION:
+    if not MIN_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version} not supported (this side speaks "
-                            f"{PROTOCOL_VERSION})")
+                            f"{MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})")
     if ftype not in NAMES:
         raise ProtocolError(f"unknown frame type {ftype}")
-    cap = limit if ftype == DELTA else min(limit, CONTROL_LIMIT)
+    if version < INTRODUCED.get(ftype, MIN_PROTOCOL_VERSION):
+        raise ProtocolError(f"{NAMES[ftype]} frames need protocol version "
+                            f"{INTRODUCED[ftype]}, got {version}")
+    if ftype == PART and not part_limit:
+        raise ProtocolError("unexpected PART frame (not asked for)")
+    cap = {DELTA: limit, PART: part_limit}.get(ftype, min(limit, CONTROL_LIMIT))
     if length > cap:
         raise ProtocolError(f"{NAMES[ftype]} frame of {length} bytes exceeds the limit of {cap}")
-    if reuse is not None and ftype == DELTA:
+    if reuse is not None and ftype in (DELTA, PART):
         body: Any = reuse.take(length)
         _recv_into(sock, body)
     else:
@@ -166,6 +200,34 @@ def delta_frame_limit(size: int, page_size: int) -> int:
     """Largest DELTA frame a store of this geometry can need: every page, plus index."""
     n = size // page_size
     return _core.HEADER_SIZE + n * (24 + page_size) + (1 << 20)
+
+
+def part_frame_limit(part_pages: int, page_size: int) -> int:
+    """Largest PART frame carrying at most `part_pages` pages."""
+    return PART_HEADER_SIZE + _core.delta_pages_bytes(part_pages, page_size)
+
+
+class PartFields(NamedTuple):
+    seq: int
+    first: int
+    total: int
+    reserved: int
+    compression: int
+    base: int
+    target: int
+    n_pages: int
+
+
+def part_fields(body: Any) -> PartFields:
+    """The part header and the delta header fields a receiver sequences parts by. Read
+    from a frame whose checksum passed (it covers them); Delta.decode validates the rest."""
+    mv = memoryview(body).cast("B")
+    if len(mv) < PART_HEADER_SIZE + _core.HEADER_SIZE:
+        raise ProtocolError(f"PART frame of {len(mv)} bytes is too short for a part")
+    seq, first, total, reserved = PART_HEADER.unpack_from(mv)
+    compression = struct.unpack_from("<H", mv, PART_HEADER_SIZE + 12)[0]
+    base, target, n = struct.unpack_from("<QQQ", mv, PART_HEADER_SIZE + 32)
+    return PartFields(seq, first, total, reserved, compression, base, target, n)
 
 
 def send_error(sock: socket.socket, message: str, code: str = "refused") -> None:

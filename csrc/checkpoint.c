@@ -40,10 +40,19 @@ typedef struct {
 static int checksum_live(void *ctx, uint64_t begin, uint64_t end) {
     live_job *j = ctx;
     sc_store *s = j->s;
-    for (uint64_t k = begin; k < end; k++) {
-        j->stamps[k] = sc__load_stamp(s, j->ids[k]);
-        if (j->stamps[k] <= j->seq)
-            j->sums[k] = sc_page_checksum(s->data + (j->ids[k] << s->page_shift), s->page_size);
+    const uint8_t *pages[SC_CHECKSUM_BATCH];
+    uint64_t at[SC_CHECKSUM_BATCH], sums[SC_CHECKSUM_BATCH];
+    for (uint64_t k = begin; k < end;) {
+        /* The pages the snapshot may read live, checksummed several side by side. */
+        uint64_t m = 0;
+        for (; k < end && m < SC_CHECKSUM_BATCH; k++) {
+            j->stamps[k] = sc__load_stamp(s, j->ids[k]);
+            if (j->stamps[k] > j->seq) continue; /* redone from its preserved copy */
+            pages[m] = s->data + (j->ids[k] << s->page_shift);
+            at[m++] = k;
+        }
+        sc__page_checksums_at(pages, m, s->page_size, sums);
+        for (uint64_t q = 0; q < m; q++) j->sums[at[q]] = sums[q];
     }
     return SC_OK;
 }

@@ -4,6 +4,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "delta_pages.h"
 #include "internal.h"
 #include "parallel.h"
 
@@ -77,16 +78,20 @@ static int gather_range(void *ctx, uint64_t begin, uint64_t end) {
     sc_status st = SC_OK;
     for (uint64_t i = begin; i < end && st == SC_OK;) {
         /* Lock in batches so snapshot() never waits behind a whole gather. */
-        uint64_t stop = i + 64 < end ? i + 64 : end;
+        uint64_t stop = i + SC_CHECKSUM_BATCH < end ? i + SC_CHECKSUM_BATCH : end;
         pthread_rwlock_rdlock(&s->chain_lock);
         uint64_t seq = sc__snap_seq(s, j->epoch); /* 0: released under us */
         if (!seq) st = SC_ENOSNAP;
+        uint64_t first = i;
+        const uint8_t *copied[SC_CHECKSUM_BATCH];
         for (; i < stop && st == SC_OK; i++) {
             uint8_t *dst = j->payload + (i << s->page_shift);
             st = sc__read_page_as_of(s, seq, j->ids[i], dst, NULL);
-            j->checksums[i] = sc_page_checksum(dst, s->page_size);
+            copied[i - first] = dst;
         }
         pthread_rwlock_unlock(&s->chain_lock);
+        /* Checksummed together while the copies are in cache (several pages side by side). */
+        if (st == SC_OK) sc__page_checksums_at(copied, i - first, s->page_size, j->checksums + first);
     }
     return st;
 }
@@ -265,34 +270,9 @@ sc_status sc_delta_parse(const uint8_t *buf, uint64_t len, uint16_t kind, int ve
     return SC_OK;
 }
 
-typedef struct {
-    const sc_delta_view *v;
-    const uint8_t *payload;
-    uint64_t first_bad;
-} verify_job;
-
-static int verify_range(void *ctx, uint64_t begin, uint64_t end) {
-    verify_job *j = ctx;
-    uint32_t ps = j->v->header.page_size;
-    for (uint64_t i = begin; i < end; i++) {
-        if (sc_page_checksum(j->payload + i * ps, ps) != j->v->checksums[i]) {
-            /* Report the lowest bad index across threads. */
-            uint64_t seen = __atomic_load_n(&j->first_bad, __ATOMIC_RELAXED);
-            while (i < seen && !__atomic_compare_exchange_n(&j->first_bad, &seen, i, false,
-                                                            __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-            }
-            return SC_ECORRUPT;
-        }
-    }
-    return SC_OK;
-}
-
 sc_status sc_verify_pages(const sc_delta_view *v, const uint8_t *payload, uint64_t *bad_page) {
-    uint64_t n = v->header.n_pages;
-    verify_job job = {v, payload, UINT64_MAX};
-    int st = sc__parallel_for(n, sc__threads_for(n * v->header.page_size, 0), verify_range, &job);
-    if (st && bad_page) *bad_page = job.first_bad;
-    return (sc_status)st;
+    return sc_verify_page_checksums(payload, v->header.page_size, v->header.n_pages, v->checksums,
+                                    0, bad_page);
 }
 
 typedef struct {

@@ -149,6 +149,10 @@ void sc__prep_init(sc_prep *b, sc_store *s);
 sc_status sc__prep_page(sc_prep *b, uint64_t page, uint64_t new_version);
 sc_status sc__prep_finish(sc_prep *b); /* copies, publishes, restamps; always frees */
 
+/* page_checksums.c: out[i] = sc_page_checksum(p[i], len), several pages side by side. */
+#define SC_CHECKSUM_BATCH 64 /* pages per call that keeps the lanes full and stays in cache */
+void sc__page_checksums_at(const uint8_t *const *p, uint64_t n, uint64_t len, uint64_t *out);
+
 /* pool.c */
 void sc__pool_init(sc_pool *p, uint32_t page_size);
 sc_node sc__pool_alloc(sc_pool *p); /* 0: out of memory or ids */

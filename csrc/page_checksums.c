@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "delta_pages.h"
+#include "internal.h"
 #include "parallel.h"
 
 static const uint64_t C1 = 0x87c37b91114253d5ULL, C2 = 0x4cf5ad432745937fULL;
@@ -157,7 +158,7 @@ static bool have_avx512(void) {
 #endif
 
 /* Checksums of pages p[0..n), each `len` bytes. */
-static void checksum_pages(const uint8_t *const *p, uint64_t n, uint64_t len, uint64_t *out) {
+void sc__page_checksums_at(const uint8_t *const *p, uint64_t n, uint64_t len, uint64_t *out) {
     uint64_t i = 0;
     if (len % 16 == 0 && len) {
 #ifdef HAVE_AVX512_PATH
@@ -176,7 +177,7 @@ void sc_page_checksums(const uint8_t *pages, uint64_t page_size, uint64_t n, uin
     for (uint64_t i = 0; i < n; i += BATCH) {
         uint64_t k = n - i < BATCH ? n - i : BATCH;
         for (uint64_t j = 0; j < k; j++) p[j] = pages + (i + j) * page_size;
-        checksum_pages(p, k, page_size, out + i);
+        sc__page_checksums_at(p, k, page_size, out + i);
     }
 }
 

@@ -9,8 +9,6 @@
 #include "internal.h"
 #include "parallel.h"
 
-#define PROGRESS_EVERY 256 /* pages between progress updates and early-stop checks */
-
 typedef struct {
     sc_store *s;
     const sc_delta_view *v;
@@ -35,24 +33,30 @@ static void note_bad(restore_job *j, uint64_t i) {
 static int restore_range(void *ctx, uint64_t begin, uint64_t end) {
     restore_job *j = ctx;
     sc_store *s = j->s;
-    const uint8_t *src = j->v->payload + (begin << s->page_shift);
-    for (uint64_t i = begin; i < end; i++, src += s->page_size) {
-        if ((i - begin) % PROGRESS_EVERY == 0 && i != begin) {
-            /* Another thread failed below us: nothing here can be the first bad page. */
-            if (atomic_load_explicit(&j->first_bad, memory_order_relaxed) < i)
+    const uint8_t *copied[SC_CHECKSUM_BATCH];
+    uint64_t sums[SC_CHECKSUM_BATCH];
+    for (uint64_t i = begin; i < end;) {
+        /* Another thread failed below us: nothing here can be the first bad page. */
+        if (atomic_load_explicit(&j->first_bad, memory_order_relaxed) < i) return SC_ECORRUPT;
+        uint64_t k = end - i < SC_CHECKSUM_BATCH ? end - i : SC_CHECKSUM_BATCH;
+        /* Copy, then check the copies (in cache, several side by side): what is verified
+         * is what stays, even if the file under the mapping changed meanwhile. */
+        for (uint64_t m = 0; m < k; m++) {
+            uint8_t *dst = s->data + (j->v->ids[i + m] << s->page_shift);
+            memcpy(dst, j->v->payload + ((i + m) << s->page_shift), s->page_size);
+            copied[m] = dst;
+        }
+        sc__page_checksums_at(copied, k, s->page_size, sums);
+        for (uint64_t m = 0; m < k; m++) {
+            if (sums[m] != j->v->checksums[i + m]) {
+                note_bad(j, i + m);
                 return SC_ECORRUPT;
-            if (j->progress)
-                atomic_fetch_add_explicit(&j->progress->done, PROGRESS_EVERY << s->page_shift,
-                                          memory_order_relaxed);
+            }
         }
-        /* Copy, then check the copy: what is verified is what stays, even if the file
-         * under the mapping changed meanwhile. */
-        uint8_t *dst = s->data + (j->v->ids[i] << s->page_shift);
-        memcpy(dst, src, s->page_size);
-        if (sc_page_checksum(dst, s->page_size) != j->v->checksums[i]) {
-            note_bad(j, i);
-            return SC_ECORRUPT;
-        }
+        i += k;
+        if (j->progress)
+            atomic_fetch_add_explicit(&j->progress->done, k << s->page_shift,
+                                      memory_order_relaxed);
     }
     return SC_OK;
 }

@@ -3,30 +3,14 @@
  * no packaged C library provides it; tests check it against mmh3 byte for byte. */
 #include <string.h>
 
+#include "murmur3_parts.h"
 #include "statecore.h"
-
-static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
-
-static inline uint64_t fmix64(uint64_t k) {
-    k ^= k >> 33;
-    k *= 0xff51afd7ed558ccdULL;
-    k ^= k >> 33;
-    k *= 0xc4ceb9fe1a85ec53ULL;
-    k ^= k >> 33;
-    return k;
-}
-
-static inline uint64_t load64(const uint8_t *p) {
-    uint64_t v;
-    memcpy(&v, p, 8); /* unaligned-safe; little-endian hosts only (checked at build) */
-    return v;
-}
 
 void sc_murmur3_128(const void *key, size_t len, uint32_t seed, uint64_t out[2]) {
     const uint8_t *data = key;
     const size_t nblocks = len / 16;
     uint64_t h1 = seed, h2 = seed;
-    const uint64_t c1 = 0x87c37b91114253d5ULL, c2 = 0x4cf5ad432745937fULL;
+    const uint64_t c1 = MURMUR_C1, c2 = MURMUR_C2;
 
     for (size_t i = 0; i < nblocks; i++) {
         uint64_t k1 = load64(data + i * 16), k2 = load64(data + i * 16 + 8);

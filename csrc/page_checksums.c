@@ -12,26 +12,10 @@
 
 #include "delta_pages.h"
 #include "internal.h"
+#include "murmur3_parts.h"
 #include "parallel.h"
 
-static const uint64_t C1 = 0x87c37b91114253d5ULL, C2 = 0x4cf5ad432745937fULL;
-
-static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
-
-static inline uint64_t fmix64(uint64_t k) {
-    k ^= k >> 33;
-    k *= 0xff51afd7ed558ccdULL;
-    k ^= k >> 33;
-    k *= 0xc4ceb9fe1a85ec53ULL;
-    k ^= k >> 33;
-    return k;
-}
-
-static inline uint64_t load64(const uint8_t *p) {
-    uint64_t v;
-    memcpy(&v, p, 8); /* little-endian hosts only (checked where the formats are built) */
-    return v;
-}
+static const uint64_t C1 = MURMUR_C1, C2 = MURMUR_C2;
 
 static inline uint64_t finish(uint64_t h1, uint64_t h2, uint64_t len) {
     h1 ^= len;

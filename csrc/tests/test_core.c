@@ -20,52 +20,15 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "harness.h"
 #include "statecore.h"
 
 /* ---- tiny harness ---------------------------------------------------- */
 
-static long g_failures;           /* CHECK failures in the current process */
 static uint64_t g_seed = 0x5eed5eedULL;
 static char g_tmpdir[PATH_MAX / 2]; /* leaves room for a file name below it */
 
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        if (!(cond)) {                                                               \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-            g_failures++;                                                            \
-        }                                                                            \
-    } while (0)
-
-#define CHECK_ST(expr, want)                                                         \
-    do {                                                                             \
-        sc_status got_ = (expr), want_ = (want);                                     \
-        if (got_ != want_) {                                                         \
-            fprintf(stderr, "%s:%d: %s returned %d (%s), want %d (%s)\n", __FILE__,  \
-                    __LINE__, #expr, (int)got_, sc_strerror(got_), (int)want_,       \
-                    sc_strerror(want_));                                             \
-            g_failures++;                                                            \
-        }                                                                            \
-    } while (0)
-
-#define CHECK_EQ_U64(a, b)                                                           \
-    do {                                                                             \
-        uint64_t a_ = (a), b_ = (b);                                                 \
-        if (a_ != b_) {                                                              \
-            fprintf(stderr, "%s:%d: CHECK failed: %s == %s (%" PRIu64 " != %" PRIu64 \
-                    ")\n", __FILE__, __LINE__, #a, #b, a_, b_);                      \
-            g_failures++;                                                            \
-        }                                                                            \
-    } while (0)
-
-/* For preconditions the rest of a test cannot do without. */
-#define REQUIRE(cond)                                                                \
-    do {                                                                             \
-        if (!(cond)) {                                                               \
-            fprintf(stderr, "%s:%d: REQUIRE failed: %s\n", __FILE__, __LINE__, #cond); \
-            g_failures++;                                                            \
-            return;                                                                  \
-        }                                                                            \
-    } while (0)
+#define CHECK_ST(expr, want) CHECK_STATUS(expr, want, sc_strerror)
 
 /* splitmix64: deterministic and good enough to pick pages and bytes. */
 static uint64_t rng_next(uint64_t *state) {

@@ -8,37 +8,11 @@
 #include <string.h>
 
 #include "delta_pages.h"
+#include "harness.h"
 
-static long g_failures;
 static uint64_t g_rng = 0x5eedULL;
 
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        if (!(cond)) {                                                               \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-            g_failures++;                                                            \
-        }                                                                            \
-    } while (0)
-
-#define CHECK_ST(expr, want)                                                         \
-    do {                                                                             \
-        sc_status got_ = (expr), want_ = (want);                                     \
-        if (got_ != want_) {                                                         \
-            fprintf(stderr, "%s:%d: %s returned %d (%s), want %d (%s)\n", __FILE__,  \
-                    __LINE__, #expr, (int)got_, sc_strerror(got_), (int)want_,       \
-                    sc_strerror(want_));                                             \
-            g_failures++;                                                            \
-        }                                                                            \
-    } while (0)
-
-#define REQUIRE(cond)                                                                \
-    do {                                                                             \
-        if (!(cond)) {                                                               \
-            fprintf(stderr, "%s:%d: REQUIRE failed: %s\n", __FILE__, __LINE__, #cond); \
-            g_failures++;                                                            \
-            return;                                                                  \
-        }                                                                            \
-    } while (0)
+#define CHECK_ST(expr, want) CHECK_STATUS(expr, want, sc_strerror)
 
 static uint64_t rnd(void) { /* splitmix64 */
     uint64_t z = (g_rng += 0x9e3779b97f4a7c15ULL);

@@ -8,36 +8,13 @@
 #include <string.h>
 #include <time.h>
 
+#include "harness.h"
 #include "kv.h"
 #include "statecore.h"
 
-static long g_failures;
 static uint64_t g_rng = 0x6b76u;
 
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        if (!(cond)) {                                                               \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-            g_failures++;                                                            \
-        }                                                                            \
-    } while (0)
-#define CHECK_ST(expr, want)                                                            \
-    do {                                                                                \
-        int got_ = (expr), want_ = (want);                                              \
-        if (got_ != want_) {                                                            \
-            fprintf(stderr, "%s:%d: %s returned %d (%s), want %d\n", __FILE__, __LINE__, \
-                    #expr, got_, sc_kv_strerror(got_), want_);                          \
-            g_failures++;                                                               \
-        }                                                                               \
-    } while (0)
-#define REQUIRE(cond)                                                                  \
-    do {                                                                               \
-        if (!(cond)) {                                                                 \
-            fprintf(stderr, "%s:%d: REQUIRE failed: %s\n", __FILE__, __LINE__, #cond); \
-            g_failures++;                                                              \
-            return;                                                                    \
-        }                                                                              \
-    } while (0)
+#define CHECK_ST(expr, want) CHECK_STATUS(expr, want, sc_kv_strerror)
 
 static uint64_t rnd(void) {
     uint64_t z = (g_rng += 0x9e3779b97f4a7c15ULL);

@@ -283,6 +283,16 @@ void sc_store_publish(sc_store *s) {
     atomic_thread_fence(memory_order_release);
 }
 
+/* Writer-side calls are serialized (statecore.h), so this counter has one writer: a plain
+ * load and store, not a locked add. A locked instruction waits for every earlier store to
+ * drain, and a KV put touches a range right after copying a value into memory that is not
+ * in cache yet, so an atomic add here stalled each put on those stores. Readers
+ * (sc_store_stats) still load it atomically. */
+static inline void count_pages_written(sc_store *s, uint64_t n) {
+    uint64_t w = atomic_load_explicit(&s->pages_written, memory_order_relaxed);
+    atomic_store_explicit(&s->pages_written, w + n, memory_order_relaxed);
+}
+
 static bool range_ok(const sc_store *s, uint64_t offset, uint64_t len) {
     return offset <= s->size && len <= s->size - offset;
 }
@@ -296,7 +306,7 @@ sc_status sc_store_touch_range(sc_store *s, uint64_t offset, uint64_t len) {
         sc_status st = sc__prepare_page(s, p, e);
         if (st) return st;
     }
-    atomic_fetch_add_explicit(&s->pages_written, last - first + 1, memory_order_relaxed);
+    count_pages_written(s, last - first + 1);
     sc_store_publish(s);
     return SC_OK;
 }
@@ -309,7 +319,7 @@ sc_status sc_store_touch_pages(sc_store *s, const uint64_t *ids, uint64_t n) {
         sc_status st = sc__prepare_page(s, ids[i], e);
         if (st) return st;
     }
-    atomic_fetch_add_explicit(&s->pages_written, n, memory_order_relaxed);
+    count_pages_written(s, n);
     sc_store_publish(s);
     return SC_OK;
 }
@@ -339,7 +349,7 @@ sc_status sc_store_touch_rows(sc_store *s, const int64_t *idx, uint64_t n, uint6
             touched++;
         }
     }
-    atomic_fetch_add_explicit(&s->pages_written, touched, memory_order_relaxed);
+    count_pages_written(s, touched);
     sc_store_publish(s);
     return SC_OK;
 }

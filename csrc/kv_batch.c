@@ -93,6 +93,24 @@ int sc_kv_get_many(sc_kv *kv, const sc_kv_buf *keys, uint64_t n, uint64_t *val_o
     return SC_OK;
 }
 
+/* ---- read_many ------------------------------------------------------------------------------- */
+/* A plain loop of copies: the copies are independent, so the core overlaps the misses of
+ * the next values with the current copy by itself (software prefetching of the value bytes
+ * a few items ahead measured no faster, 1 KiB values at 1M and 10M keys). */
+int sc_kv_read_many(sc_kv *kv, const uint64_t *off, const uint64_t *len, void *const *dst,
+                    uint64_t n, uint64_t *failed_at) {
+    *failed_at = n;
+    for (uint64_t i = 0; i < n; i++) {
+        if (!dst[i]) continue;
+        int st = sc_kv_read(kv, off[i], dst[i], len[i]);
+        if (st != SC_OK) {
+            *failed_at = i;
+            return st;
+        }
+    }
+    return SC_OK;
+}
+
 /* ---- the undo log ------------------------------------------------------------------------------ */
 int kv__undo_new(kv_undo *log, uint64_t rec) {
     if (log->n == log->cap) return SC_ENOMEM;

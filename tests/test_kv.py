@@ -173,6 +173,85 @@ def test_batches(kv):
     kv.verify()
 
 
+def test_get_many_across_lookup_chunks(kv):
+    """get_many looks keys up 4096 at a time and then copies the values into the results:
+    order, missing keys, the default object itself, empty and 1-byte values, and bytes-like
+    keys must come out right across chunk boundaries, for lists, tuples and iterators."""
+    rng = random.Random(7)
+    n = 10_000
+    keys = [b"k%06d" % i for i in range(n)]
+    values = [rng.randbytes(rng.choice((0, 1, 7, 100, 1500))) for _ in range(n)]
+    kv.put_many(keys[::2], values[::2])               # odd keys are missing
+    want = [v if i % 2 == 0 else None for i, v in enumerate(values)]
+    assert kv.get_many(keys) == want
+    assert kv.get_many(tuple(keys)) == want
+    assert kv.get_many(iter(keys)) == want
+    sentinel = object()
+    got = kv.get_many(keys, default=sentinel)
+    assert all((g is sentinel) if i % 2 else (g == values[i]) for i, g in enumerate(got))
+    assert all(type(g) is bytes for g in got[::2])
+    mixed = [bytearray(k) if i % 3 == 0 else memoryview(k) if i % 3 == 1 else k
+             for i, k in enumerate(keys)]
+    assert kv.get_many(mixed) == want
+    with pytest.raises(TypeError, match=r"keys\[4097\]"):
+        kv.get_many(keys[:4097] + ["not bytes"] + keys[4097:])
+
+
+def test_batches_keep_reference_counts(kv):
+    """Batches pin their items while C reads them and release each exactly once, also
+    when a batch fails part-way."""
+    import sys
+    keys = [b"rc-%d" % i for i in range(5000)]
+    vals = [b"v-%d" % i for i in range(5000)]
+    before = [sys.getrefcount(k) for k in keys[:50]] + [sys.getrefcount(v) for v in vals[:50]]
+    kv.put_many(keys, vals)
+    kv.get_many(keys)
+    kv.get_many(tuple(keys))
+    kv.delete_many(keys[:10])
+    with pytest.raises(ValueError, match=r"keys\[4999\]"):
+        kv.put_many(keys[:4999] + [b"x" * 70000], vals)
+    with pytest.raises(TypeError):
+        kv.get_many(keys[:4999] + [1.5])
+    after = [sys.getrefcount(k) for k in keys[:50]] + [sys.getrefcount(v) for v in vals[:50]]
+    assert after == before
+    default = object()
+    got = kv.get_many([b"missing-%d" % i for i in range(5000)], default)
+    assert sys.getrefcount(default) == 2 + 5000
+    del got
+    assert sys.getrefcount(default) == 2
+
+
+def test_batches_do_not_leak(kv):
+    import gc
+    import tracemalloc
+    keys = [b"leak-%d" % i for i in range(3000)]
+    vals = [b"v" * (i % 700) for i in range(3000)]
+
+    def cycle():
+        kv.put_many(keys, vals)
+        kv.get_many(keys + [b"missing"], default=b"-")
+        kv.get_many(tuple(bytearray(k) for k in keys[:500]))
+        with pytest.raises(TypeError):
+            kv.get_many(keys[:2000] + [None])
+        with pytest.raises(ValueError):
+            kv.put_many(keys[:10], vals[:9])
+
+    for _ in range(3):
+        cycle()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(30):
+            cycle()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # One leaked result list or key per cycle would be far more than this.
+    assert grown < 32 * 1024, f"Python-level memory grew by {grown} bytes over 30 cycles"
+
+
 def test_iteration_guards_against_inserts_but_not_overwrites(kv):
     kv.put_many([b"%d" % i for i in range(2000)], [b"v"] * 2000)
     for k in kv:                      # overwriting while iterating is fine (as in dict)

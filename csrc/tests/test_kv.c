@@ -85,6 +85,30 @@ static void check_all(sc_kv *kv, const model *m) {
             }
         }
     }
+    /* the batch path (live handles and snapshot views): get_many, then read_many */
+    {
+        enum { B = 300 };
+        static uint8_t kbuf[B][64], vbuf[B][1536];
+        sc_kv_buf ks[B];
+        uint64_t offs[B], lens[B], failed;
+        void *dst[B];
+        for (int first = 0; first < NKEYS; first += B) {
+            int nb = NKEYS - first < B ? NKEYS - first : B;
+            for (int i = 0; i < nb; i++) {
+                ks[i].len = key_of(first + i, kbuf[i]);
+                ks[i].ptr = kbuf[i];
+            }
+            CHECK_ST(sc_kv_get_many(kv, ks, (uint64_t)nb, offs, lens), SC_OK);
+            for (int i = 0; i < nb; i++) {
+                CHECK((lens[i] != UINT64_MAX) == m->present[first + i]);
+                dst[i] = lens[i] != UINT64_MAX && lens[i] <= sizeof vbuf[i] ? vbuf[i] : NULL;
+            }
+            CHECK_ST(sc_kv_read_many(kv, offs, lens, dst, (uint64_t)nb, &failed), SC_OK);
+            for (int i = 0; i < nb; i++)
+                if (dst[i] && lens[i] == m->vlen[first + i])
+                    CHECK(memcmp(dst[i], m->val[first + i], lens[i]) == 0);
+        }
+    }
     sc_kv_stats s;
     CHECK_ST(sc_kv_stat(kv, &s), SC_OK);
     CHECK(s.count == model_count(m));
@@ -203,6 +227,28 @@ static void test_model(void) {
             CHECK((lens[i] != UINT64_MAX) == m->present[i * 5]);
             if (lens[i] != UINT64_MAX) CHECK(lens[i] == m->vlen[i * 5]);
         }
+        /* read_many copies exactly the values found; NULL destinations are skipped */
+        void *dst[B];
+        uint64_t failed;
+        for (int i = 0; i < B; i++) dst[i] = lens[i] == UINT64_MAX ? NULL : malloc(lens[i] + 1);
+        CHECK_ST(sc_kv_read_many(kv, offs, lens, dst, B, &failed), SC_OK);
+        CHECK(failed == B);
+        for (int i = 0; i < B; i++)
+            if (dst[i]) CHECK(memcmp(dst[i], m->val[i * 5], lens[i]) == 0);
+        /* a range outside the region is refused, and *failed_at names the item */
+        int j = -1;
+        for (int i = B - 1; i >= 0 && j < 0; i--)
+            if (dst[i] && lens[i]) j = i;
+        REQUIRE(j >= 0);
+        uint64_t keep = offs[j];
+        offs[j] = UINT64_MAX - 2;
+        CHECK_ST(sc_kv_read_many(kv, offs, lens, dst, B, &failed), SC_ERANGE);
+        CHECK(failed == (uint64_t)j);
+        offs[j] = keep;
+        lens[j] = UINT64_MAX - 1;
+        CHECK_ST(sc_kv_read_many(kv, offs, lens, dst, B, &failed), SC_ERANGE);
+        CHECK(failed == (uint64_t)j);
+        for (int i = 0; i < B; i++) free(dst[i]);
     }
     sc_kv_stats st;
     CHECK_ST(sc_kv_stat(kv, &st), SC_OK);
@@ -341,6 +387,23 @@ static void test_fuzz(void) {
         }
         char msg[200];
         sc_kv_verify(kv, msg, sizeof msg);
+        /* batch lookups on the damaged map: whatever they find is within the region */
+        {
+            enum { B = 64 };
+            static uint8_t kbuf[B][40], vbuf[B][400];
+            sc_kv_buf ks[B];
+            uint64_t offs[B], lens[B], failed;
+            void *dst[B];
+            for (int i = 0; i < B; i++) {
+                ks[i].len = key_of((int)below(800), kbuf[i]);
+                ks[i].ptr = kbuf[i];
+            }
+            if (sc_kv_get_many(kv, ks, B, offs, lens) == SC_OK) {
+                for (int i = 0; i < B; i++)
+                    dst[i] = lens[i] != UINT64_MAX && lens[i] <= sizeof vbuf[i] ? vbuf[i] : NULL;
+                CHECK_ST(sc_kv_read_many(kv, offs, lens, dst, B, &failed), SC_OK);
+            }
+        }
         for (int i = 0; i < 800; i++) {
             uint64_t kl = key_of((int)below(800), key), off, vl;
             int found, op = (int)below(4);
@@ -349,6 +412,19 @@ static void test_fuzz(void) {
                     uint8_t buf[400];
                     if (vl <= sizeof buf) CHECK_ST(sc_kv_read(kv, off, buf, vl), SC_OK);
                 }
+            } else if (op == 1 && below(8) == 0) {
+                /* a batch put (its pipeline reads buckets and records ahead) */
+                enum { B = 24 };
+                static uint8_t kbuf[B][40];
+                sc_kv_buf ks[B], vs[B];
+                uint64_t failed;
+                for (int b = 0; b < B; b++) {
+                    ks[b].len = key_of((int)below(800), kbuf[b]);
+                    ks[b].ptr = kbuf[b];
+                    vs[b].len = below(300);
+                    vs[b].ptr = val;
+                }
+                sc_kv_put_many(kv, ks, vs, B, &failed);
             } else if (op == 1) {
                 sc_kv_put(kv, key, kl, val, below(300));
             } else if (op == 2) {

@@ -13,9 +13,10 @@ GIL also holds a buffer export of the store, so the store cannot be closed under
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
-from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from cpython.ref cimport Py_INCREF
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF, Py_XINCREF
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -73,6 +74,8 @@ cdef extern from "kv.h" nogil:
     int sc_kv_delete(sc_kv *kv, const void *key, uint64_t klen, int *found)
     int sc_kv_get_many(sc_kv *kv, const sc_kv_buf *keys, uint64_t n, uint64_t *val_off,
                        uint64_t *vlen)
+    int sc_kv_read_many(sc_kv *kv, const uint64_t *off, const uint64_t *length,
+                        void *const *dst, uint64_t n, uint64_t *failed_at)
     int sc_kv_put_many(sc_kv *kv, const sc_kv_buf *keys, const sc_kv_buf *vals, uint64_t n,
                        uint64_t *failed_at)
     int sc_kv_delete_many(sc_kv *kv, const sc_kv_buf *keys, uint64_t n, uint64_t *deleted)
@@ -138,30 +141,46 @@ cdef int arg_bytes(object obj, Py_buffer *buf, const char **ptr, uint64_t *n, st
 
 
 cdef class _Batch:
-    """C views of a sequence of bytes-like objects, pinned until released (bytes items
-    are held by the tuple; other objects by a buffer export each)."""
+    """C views of a sequence of bytes-like objects, pinned until released: by the tuple
+    itself when given one, else by a reference to each item taken up front (as tuple()
+    would, but releasable in parts: a batch that is done with its first keys can drop
+    them while they are still in cache); other than bytes objects also by a buffer
+    export each."""
     cdef sc_kv_buf *items
     cdef Py_buffer *bufs
     cdef char *owned
-    cdef Py_ssize_t n
+    cdef PyObject **refs        # NULL when seq (a tuple) holds the items
+    cdef Py_ssize_t n           # items (refs holds n references until released)
+    cdef Py_ssize_t released    # items [0, released) are released
     cdef object seq
 
     def __dealloc__(self):
         self.release()
 
-    cdef void release(self) noexcept:
+    cdef void release_to(self, Py_ssize_t k) noexcept:
+        """Release items [released, k): their C views must not be used afterwards."""
         cdef Py_ssize_t i
-        if self.owned != NULL:
-            for i in range(self.n):
-                if self.owned[i]:
-                    PyBuffer_Release(&self.bufs[i])
-                    self.owned[i] = 0
+        for i in range(self.released, k):
+            if self.owned != NULL and self.owned[i]:
+                PyBuffer_Release(&self.bufs[i])
+                self.owned[i] = 0
+            if self.refs != NULL:
+                Py_XDECREF(self.refs[i])
+                self.refs[i] = NULL
+        if k > self.released:
+            self.released = k
+
+    cdef void release(self) noexcept:
+        self.release_to(self.n)
         free(self.items)
         free(self.bufs)
         free(self.owned)
+        free(self.refs)
         self.items = NULL
         self.bufs = NULL
         self.owned = NULL
+        self.refs = NULL
+        self.seq = None
 
 
 cdef _Batch make_batch(object items, str what, uint64_t limit):
@@ -169,15 +188,27 @@ cdef _Batch make_batch(object items, str what, uint64_t limit):
     cdef Py_ssize_t i, n
     cdef const char *p = NULL
     cdef uint64_t length = 0
-    cdef object seq = items if type(items) is tuple else tuple(items)
-    b.seq = seq
-    n = len(seq)
+    cdef PyObject *o
+    if type(items) is list:
+        # Take a reference to every item before converting any: converting a non-bytes
+        # item runs Python code, which could change the list.
+        n = PyList_GET_SIZE(items)
+        b.refs = <PyObject **>malloc((n or 1) * sizeof(PyObject *))
+        if b.refs == NULL:
+            raise MemoryError(what)
+        for i in range(n):
+            o = PyList_GET_ITEM(items, i)
+            Py_XINCREF(o)
+            b.refs[i] = o
+        b.n = n
+    else:
+        b.seq = items if type(items) is tuple else tuple(items)
+        n = len(b.seq)
     b.items = <sc_kv_buf *>malloc((n or 1) * sizeof(sc_kv_buf))
     if b.items == NULL:
         raise MemoryError(what)
-    b.n = 0
     for i in range(n):
-        obj = seq[i]
+        obj = <object>b.refs[i] if b.refs != NULL else b.seq[i]
         if PyBytes_CheckExact(obj):
             p = PyBytes_AS_STRING(obj)
             length = <uint64_t>PyBytes_GET_SIZE(obj)
@@ -446,19 +477,28 @@ cdef class KVCore:
 
     # -- batches --
     def get_many(self, keys, default=None):
-        """Values of keys, in order (default for a missing key). One C call per 4096 keys,
-        without the GIL."""
+        """Values of keys, in order (default for a missing key). Per 4096 keys: one C call
+        looks them up, then each result is allocated once and one more C call copies the
+        values straight into them, both without the GIL."""
         cdef _Batch kb = make_batch(keys, "keys", SC_KV_MAX_KEY)
-        cdef Py_ssize_t n = len(kb.seq), i, start, m
-        cdef uint64_t *offs = <uint64_t *>malloc((GET_CHUNK or 1) * 8)
-        cdef uint64_t *lens = <uint64_t *>malloc((GET_CHUNK or 1) * 8)
+        cdef Py_ssize_t n = kb.n, i, start, m, made = 0
+        cdef uint64_t *offs = <uint64_t *>malloc(GET_CHUNK * sizeof(uint64_t))
+        cdef uint64_t *lens = <uint64_t *>malloc(GET_CHUNK * sizeof(uint64_t))
+        cdef void **dsts = <void **>malloc(GET_CHUNK * sizeof(void *))
+        # A chunk's results while their bytes are copied: only referenced from here, so no
+        # Python code (another thread, gc.get_objects()) can see one before it is filled.
+        cdef PyObject **objs = <PyObject **>malloc(GET_CHUNK * sizeof(PyObject *))
         cdef list out = PyList_New(n)
-        cdef bytes v
+        cdef object v
+        cdef PyObject *old
+        cdef uint64_t failed = 0
         cdef int st = SC_OK
         cdef object pin = None
-        if offs == NULL or lens == NULL:
+        if offs == NULL or lens == NULL or dsts == NULL or objs == NULL:
             free(offs)
             free(lens)
+            free(dsts)
+            free(objs)
             raise MemoryError("get_many")
         try:
             for i in range(n):  # a valid list while it fills (a failure leaves Nones)
@@ -473,22 +513,42 @@ cdef class KVCore:
                     with nogil:
                         st = sc_kv_get_many(self._kv, kb.items + start, m, offs, lens)
                     check(st, "get_many")
+                    kb.release_to(start + m)  # done with these keys while they are in cache
+                    made = 0
                     for i in range(m):
                         if lens[i] == MISSING:
-                            out[start + i] = default
-                            continue
-                        v = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>lens[i])
-                        check(sc_kv_read(self._kv, offs[i], PyBytes_AS_STRING(v), lens[i]),
-                              "get_many")
-                        out[start + i] = v
+                            objs[i] = NULL
+                            dsts[i] = NULL
+                        else:
+                            v = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>lens[i])
+                            Py_INCREF(v)
+                            objs[i] = <PyObject *>v
+                            dsts[i] = PyBytes_AS_STRING(v)
+                        made = i + 1
+                    with nogil:
+                        st = sc_kv_read_many(self._kv, offs, lens, dsts, m, &failed)
+                    check(st, "get_many")
+                    for i in range(m):  # each result moves into the list (its None goes)
+                        if objs[i] == NULL:
+                            Py_INCREF(default)
+                            objs[i] = <PyObject *>default
+                        old = PyList_GET_ITEM(out, start + i)
+                        PyList_SET_ITEM(out, start + i, <object>objs[i])
+                        objs[i] = NULL
+                        Py_XDECREF(old)
+                    made = 0
                     start += m
             finally:
+                for i in range(made):  # results of a chunk that failed
+                    Py_XDECREF(objs[i])
                 if pin is not None:
                     pin.release()
                 self._leave()
         finally:
             free(offs)
             free(lens)
+            free(dsts)
+            free(objs)
             kb.release()
         return out
 
@@ -507,15 +567,15 @@ cdef class KVCore:
         try:
             vb = make_batch(values, "values", SC_KV_MAX_VALUE)
             try:
-                if len(kb.seq) != len(vb.seq):
+                if kb.n != vb.n:
                     raise ValueError(f"keys and values must have the same length, got "
-                                     f"{len(kb.seq)} and {len(vb.seq)}")
+                                     f"{kb.n} and {vb.n}")
                 self._enter_write("put_many")
                 try:
                     with nogil:
                         st = sc_kv_put_many(self._kv, kb.items, vb.items, <uint64_t>kb.n, &failed)
                     if st != SC_OK:
-                        raise_kv(st, f"put_many (at item {failed} of {len(kb.seq)})")
+                        raise_kv(st, f"put_many (at item {failed} of {kb.n})")
                 finally:
                     self._leave()
             finally:

@@ -81,8 +81,11 @@ def main(argv=None) -> int:
             times["redis"] = kw.measure_system("redis", kw.dataset(m, vlen), args.batch, 1,
                                                log=lambda s: log("     " + s))
         failed |= any(v == "FAIL" for _, _, v in kw.evaluate(times))
-        sections.append(kw.render(n, vlen, times) + "\n\n" + kw.render_extras(n, vlen, delta, pauses))
-        results[vlen] = {"times": times, "delta": delta, "pauses": pauses}
+        notes = {k: dict(v) for k, v in kw.NOTES.items()}
+        kw.NOTES.clear()
+        sections.append(kw.render(n, vlen, times) + "\n\n" + kw.render_extras(n, vlen, delta, pauses)
+                        + kw.render_notes(notes))
+        results[vlen] = {"times": times, "delta": delta, "pauses": pauses, "notes": notes}
     elapsed = time.perf_counter() - t_start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

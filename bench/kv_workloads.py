@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -148,6 +149,12 @@ def scratch_dir(expected_bytes: int = 0) -> str:
 
 
 # ---- systems -------------------------------------------------------------------------------
+# What a run should disclose next to its ratios, by system name: where a database lived,
+# how large it grew, and major page faults while measured (a system whose data outgrew the
+# page cache reads from disk: its times are then not memory-speed figures).
+NOTES: Dict[str, Dict[str, Any]] = {}
+
+
 class System:
     """One key-value system holding (at most) one data set."""
     name = "?"
@@ -331,6 +338,13 @@ class LmdbSystem(System):
 
     def close(self):
         self.env.close()
+        try:  # bytes allocated (the file itself is as long as the map: sparse)
+            size = os.stat(os.path.join(self.dir, "data.mdb")).st_blocks * 512
+        except OSError:
+            size = 0
+        note = NOTES.setdefault(self.name, {})
+        note["where"] = "tmpfs" if self.on_tmpfs else "the temporary directory (disk page cache)"
+        note["max_bytes"] = max(note.get("max_bytes", 0), size)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -410,6 +424,7 @@ def measure_system(name: str, data: Dataset, batch: int, read_rounds: int = 2,
     instance) by batch calls."""
     out: Dict[str, float] = {}
     make = SYSTEMS[name]
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     s = make(data)
     try:
         if s.has_single:
@@ -436,6 +451,8 @@ def measure_system(name: str, data: Dataset, batch: int, read_rounds: int = 2,
         s.close()
         del s
         gc.collect()
+    NOTES.setdefault(name, {})["major_faults"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults0)
     log(", ".join(f"{k} {v:.2f} s" for k, v in out.items()))
     n_ops = {"put": data.n, "get": data.n, "get_batch": data.n, "put_batch": data.n,
              "mixed": len(data.ops), "mixed_batch": len(data.ops)}
@@ -594,6 +611,21 @@ def render_extras(n: int, vlen: int, delta: Optional[Dict[str, float]],
             f"vs dict {human_ns(d['max_ns'])} (p99.99 {human_ns(d['p9999_ns'])}; its "
             f"resizes rehash everything)")
     return "\n".join(lines)
+
+
+def render_notes(notes: Dict[str, Dict[str, Any]]) -> str:
+    """Where each system's data lived and the major page faults while it was measured."""
+    from workloads import human_bytes
+    lines = []
+    for name, note in notes.items():
+        parts = []
+        if "where" in note:
+            parts.append(f"database in {note['where']}, up to {human_bytes(note['max_bytes'])}")
+        if "major_faults" in note:
+            parts.append(f"{note['major_faults']:,} major page faults while measured")
+        if parts:
+            lines.append(f"- {name}: " + "; ".join(parts))
+    return ("\n" + "\n".join(lines)) if lines else ""
 
 
 # ---- pytest-benchmark cases (bench/test_bench_kv.py) ----------------------------------------

@@ -212,6 +212,12 @@ def test_batches_keep_reference_counts(kv):
         kv.put_many(keys[:4999] + [b"x" * 70000], vals)
     with pytest.raises(TypeError):
         kv.get_many(keys[:4999] + [1.5])
+    # the first non-bytes item (a bytearray in the middle) pins the rest before converting
+    mixed = keys[:30] + [bytearray(b"rc-30")] + keys[31:]
+    assert kv.get_many(mixed)[5:35] == [None] * 5 + vals[10:35]
+    del mixed
+    with pytest.raises(TypeError, match=r"keys\[40\]"):
+        kv.get_many(keys[:30] + [bytearray(b"x")] + keys[31:40] + ["str"] + keys[41:])
     after = [sys.getrefcount(k) for k in keys[:50]] + [sys.getrefcount(v) for v in vals[:50]]
     assert after == before
     default = object()

@@ -150,7 +150,7 @@ cdef class _Batch:
     cdef Py_buffer *bufs
     cdef char *owned
     cdef PyObject **refs        # NULL when seq (a tuple) holds the items
-    cdef Py_ssize_t n           # items (refs holds n references until released)
+    cdef Py_ssize_t n           # items (with refs: references [0, n) are held until released)
     cdef Py_ssize_t released    # items [0, released) are released
     cdef object seq
 
@@ -183,24 +183,31 @@ cdef class _Batch:
         self.seq = None
 
 
+cdef inline void pin_list_items(_Batch b, list items, Py_ssize_t upto) noexcept:
+    """Take references to items [b.n, upto) of the list (b.n counts the references held)."""
+    cdef PyObject *o
+    while b.n < upto:
+        o = PyList_GET_ITEM(items, b.n)
+        Py_XINCREF(o)
+        b.refs[b.n] = o
+        b.n += 1
+
+
 cdef _Batch make_batch(object items, str what, uint64_t limit):
     cdef _Batch b = _Batch.__new__(_Batch)
     cdef Py_ssize_t i, n
     cdef const char *p = NULL
     cdef uint64_t length = 0
-    cdef PyObject *o
-    if type(items) is list:
-        # Take a reference to every item before converting any: converting a non-bytes
-        # item runs Python code, which could change the list.
+    cdef bint is_list = type(items) is list
+    if is_list:
+        # Each item is pinned as it is reached (one pass over the items, which matters
+        # when they are scattered in memory); the first item that is not bytes pins all
+        # the rest first, because converting it runs Python code, which could change
+        # the list. Until then no Python code runs and the GIL is held.
         n = PyList_GET_SIZE(items)
         b.refs = <PyObject **>malloc((n or 1) * sizeof(PyObject *))
         if b.refs == NULL:
             raise MemoryError(what)
-        for i in range(n):
-            o = PyList_GET_ITEM(items, i)
-            Py_XINCREF(o)
-            b.refs[i] = o
-        b.n = n
     else:
         b.seq = items if type(items) is tuple else tuple(items)
         n = len(b.seq)
@@ -208,7 +215,12 @@ cdef _Batch make_batch(object items, str what, uint64_t limit):
     if b.items == NULL:
         raise MemoryError(what)
     for i in range(n):
-        obj = <object>b.refs[i] if b.refs != NULL else b.seq[i]
+        if is_list:
+            if b.n == i:
+                pin_list_items(b, <list>items, i + 1)
+            obj = <object>b.refs[i]
+        else:
+            obj = b.seq[i]
         if PyBytes_CheckExact(obj):
             p = PyBytes_AS_STRING(obj)
             length = <uint64_t>PyBytes_GET_SIZE(obj)
@@ -216,6 +228,8 @@ cdef _Batch make_batch(object items, str what, uint64_t limit):
                 raise ValueError(f"{what}[{i}] is {length} bytes; each may be at most "
                                  f"{limit} bytes")
         else:
+            if is_list:
+                pin_list_items(b, <list>items, n)
             if b.bufs == NULL:
                 b.bufs = <Py_buffer *>malloc((n or 1) * sizeof(Py_buffer))
                 b.owned = <char *>malloc(n or 1)

@@ -65,6 +65,8 @@ typedef struct sc_snap {
     uint64_t epoch;  /* the epoch it closed: how callers name it */
     uint64_t seq;    /* the write sequence it closed: what it reads by */
     sc_node owned;   /* first node of the list it answers for */
+    uint64_t floor;  /* reads only pages whose version is above this (0: every page) */
+    uint64_t skips_at_floor; /* floor_skips when the floor was raised */
 } sc_snap;
 
 /* File layout of a path-backed store: [header 4096][data size][versions 8*n_pages]. */
@@ -120,6 +122,10 @@ struct sc_store {
     uint64_t n_snaps;
     uint64_t cap_snaps;
     uint64_t newest_snap;        /* sequence of the newest live snapshot; 0 when none */
+    /* Lowest floor of the live snapshots: a page at or below it needs no copy (see
+     * sc_snapshot_set_floor), and the copies skipped that way, counted. */
+    _Atomic uint64_t preserve_floor;
+    _Atomic uint64_t floor_skips;
     _Atomic sc_node *preserved;  /* per-page chain heads; allocated on first snapshot */
     uint64_t *queued;            /* bit per page: in a prepare batch, copy pending */
     sc_pool pool;

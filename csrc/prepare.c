@@ -26,9 +26,21 @@ static void restamp(sc_store *s, uint64_t p, uint64_t seq, uint64_t new_version)
     if (new_version > s->dirty_base) sc__writer_set_bits(&s->dirty[g], 1ull << (p & 63));
 }
 
+/* Every live snapshot promised not to read a page this old (sc_snapshot_set_floor). The
+ * skip is counted, then the floor read again behind a full fence: a snapshot lowering its
+ * floor meanwhile either sees the count move (and keeps its floor) or is seen here. */
+static bool copy_skippable(sc_store *s, uint64_t version) {
+    uint64_t floor = atomic_load_explicit(&s->preserve_floor, memory_order_relaxed);
+    if (!floor || version > floor) return false; /* floor 0: some snapshot reads every page */
+    sc__writer_add(&s->floor_skips, 1);
+    atomic_thread_fence(memory_order_seq_cst);
+    return version <= atomic_load_explicit(&s->preserve_floor, memory_order_relaxed);
+}
+
 /* A live snapshot still reads the page's current content. */
-static bool needs_preserving(const sc_store *s, uint64_t stamp, uint64_t seq) {
-    return stamp != seq && s->newest_snap && stamp <= s->newest_snap;
+static bool needs_preserving(sc_store *s, uint64_t stamp, uint64_t seq, uint64_t version) {
+    return stamp != seq && s->newest_snap && stamp <= s->newest_snap &&
+           !copy_skippable(s, version);
 }
 
 sc_status sc__prepare_page(sc_store *s, uint64_t p, uint64_t new_version) {
@@ -36,7 +48,7 @@ sc_status sc__prepare_page(sc_store *s, uint64_t p, uint64_t new_version) {
     uint64_t stamp = atomic_load_explicit(&s->stamps[p], memory_order_relaxed);
     uint64_t v = atomic_load_explicit(&s->versions[p], memory_order_relaxed);
     if (stamp == seq && v == new_version) return SC_OK; /* already written since the last snapshot */
-    if (needs_preserving(s, stamp, seq)) {
+    if (needs_preserving(s, stamp, seq, v)) {
         sc_node n = sc__node_new(s, p, v, stamp);
         if (!n) return SC_ENOMEM;
         memcpy(sc__node_content(s, n), s->data + (p << s->page_shift), s->page_size);
@@ -109,7 +121,7 @@ sc_status sc__prep_page(sc_prep *b, uint64_t p, uint64_t new_version) {
     uint64_t stamp = atomic_load_explicit(&s->stamps[p], memory_order_relaxed);
     uint64_t v = atomic_load_explicit(&s->versions[p], memory_order_relaxed);
     if (stamp == seq && v == new_version) return SC_OK;
-    if (!needs_preserving(s, stamp, seq)) {
+    if (!needs_preserving(s, stamp, seq, v)) {
         restamp(s, p, seq, new_version);
         return SC_OK;
     }

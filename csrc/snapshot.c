@@ -43,6 +43,14 @@ static sc_snap *snap_needing(const sc_store *s, uint64_t stamp, uint64_t until) 
     return NULL;
 }
 
+/* Under chain_lock (write). Without live snapshots nothing is preserved anyway. */
+static void update_preserve_floor(sc_store *s) {
+    uint64_t lowest = s->n_snaps ? UINT64_MAX : 0;
+    for (uint64_t i = 0; i < s->n_snaps; i++)
+        if (s->snaps[i].floor < lowest) lowest = s->snaps[i].floor;
+    atomic_store(&s->preserve_floor, lowest);
+}
+
 sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out) {
     if (!s->preserved) {
         /* Lazily: stores that never snapshot pay nothing; calloc of this size maps
@@ -68,11 +76,44 @@ sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out) {
     uint64_t e = atomic_load(&s->epoch), q = atomic_load(&s->seq);
     s->snaps[s->n_snaps++] = (sc_snap){.epoch = e, .seq = q, .owned = 0};
     s->newest_snap = q;
+    atomic_store(&s->preserve_floor, 0); /* the new snapshot reads every page */
     atomic_store(&s->seq, q + 1);
     atomic_store(&s->epoch, e + 1);
     pthread_rwlock_unlock(&s->chain_lock);
     sc__persist_header(s);
     *epoch_out = e;
+    return SC_OK;
+}
+
+/* Lowering is the mirror image of the writer's skip (prepare.c, copy_skippable): publish
+ * the lower floor, full fence, then look for skips since the floor was raised. Either the
+ * writer sees the lower floor and copies, or this sees its skip and puts the floor back:
+ * never a page the snapshot reads with its copy skipped. */
+static bool lower_floor(sc_store *s, sc_snap *snap, uint64_t floor) {
+    uint64_t raised = snap->floor;
+    snap->floor = floor;
+    update_preserve_floor(s);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load(&s->floor_skips) == snap->skips_at_floor) return true;
+    snap->floor = raised;
+    update_preserve_floor(s);
+    return false;
+}
+
+sc_status sc_snapshot_set_floor(sc_store *s, uint64_t epoch, uint64_t floor, int *applied) {
+    pthread_rwlock_wrlock(&s->chain_lock);
+    sc_snap *snap = find_snap(s, epoch);
+    if (!snap) { pthread_rwlock_unlock(&s->chain_lock); return SC_ENOSNAP; }
+    bool ok = true;
+    if (floor >= snap->floor) {
+        snap->skips_at_floor = atomic_load(&s->floor_skips);
+        snap->floor = floor;
+        update_preserve_floor(s);
+    } else {
+        ok = lower_floor(s, snap, floor);
+    }
+    pthread_rwlock_unlock(&s->chain_lock);
+    *applied = ok;
     return SC_OK;
 }
 
@@ -158,6 +199,7 @@ sc_status sc_snapshot_release(sc_store *s, uint64_t epoch) {
     memmove(snap, snap + 1, (s->n_snaps - idx - 1) * sizeof *snap);
     s->n_snaps--;
     s->newest_snap = s->n_snaps ? s->snaps[s->n_snaps - 1].seq : 0;
+    update_preserve_floor(s);
     /* Hand each node to another live snapshot that still reads it, or free it. */
     sc_pool *p = &s->pool;
     while (owned) {

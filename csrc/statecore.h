@@ -92,6 +92,14 @@ sc_status sc_snapshot_read(sc_store *s, uint64_t epoch, uint64_t offset, void *d
 /* Content and version of each page as of the snapshot. versions may be NULL. */
 sc_status sc_snapshot_read_pages(sc_store *s, uint64_t epoch, const uint64_t *ids, uint64_t n,
                                  void *dst, uint64_t *versions);
+/* Promise that the snapshot will only be read for pages whose version as of it is above
+ * `floor` (0, the default: every page), as a replication primary reading deltas since
+ * its followers' epochs does. Writes then skip copying pages at or below the floor of
+ * every live snapshot. Raising always applies; the caller must be the snapshot's only
+ * reader when it does. Lowering applies only if no write skipped a copy since the floor
+ * was raised; *applied says which. Reading a page at or below the floor afterwards may
+ * fail or return another epoch's content. */
+sc_status sc_snapshot_set_floor(sc_store *s, uint64_t epoch, uint64_t floor, int *applied);
 
 /* ---- dirty tracking -------------------------------------------------- */
 

@@ -277,6 +277,75 @@ def test_plain_store_primary_streams_what_publish_closes(cleanup):
     assert follower.status()["connects"] == 1
 
 
+def test_a_caught_up_follower_spares_the_primarys_writers_their_copies(cleanup):
+    """The published snapshot is read only for pages changed since the followers' epoch,
+    so rewriting pages older than that copies none of them."""
+    store = sc.Store(size=SIZE)
+    cleanup(store)
+    store.write(0, b"\x01" * SIZE)
+    primary = sc.Primary(store)
+    cleanup(primary)
+    replica = sc.Store(size=SIZE)
+    cleanup(replica)
+    follower = sc.Follower(replica, primary.address)
+    cleanup(follower)
+    converge(follower, store, primary.epoch)
+    converge(follower, store, primary.publish())  # published while the follower is caught up
+    before = store.stats()["pages_preserved_total"]
+    store.write(0, b"\x02" * SIZE)  # every page: all older than the follower's epoch
+    assert store.stats()["pages_preserved_total"] == before
+    converge(follower, store, primary.publish())
+
+
+def test_a_follower_joining_an_idle_primary_is_served_from_the_floored_publication(cleanup):
+    rng = np.random.default_rng(11)
+    store = sc.Store(size=SIZE)
+    cleanup(store)
+    random_writes(store, rng, N_PAGES)
+    primary = sc.Primary(store)
+    cleanup(primary)
+    first = sc.Follower(sc.Store(size=SIZE), primary.address)
+    cleanup(first)
+    cleanup(first.store)
+    converge(first, store, primary.epoch)
+    random_writes(store, rng, 8)
+    epoch = primary.publish()  # floored at the first follower's epoch
+    converge(first, store, epoch)
+    # Nothing written since: the floor can come down to 0 for a full sync at once.
+    late = sc.Follower(sc.Store(size=SIZE), primary.address)
+    cleanup(late)
+    cleanup(late.store)
+    converge(late, store, epoch)
+
+
+def test_a_follower_the_floored_publication_cannot_serve_takes_the_next(cleanup):
+    rng = np.random.default_rng(12)
+    store = sc.Store(size=SIZE)
+    cleanup(store)
+    random_writes(store, rng, N_PAGES)
+    primary = sc.Primary(store)
+    cleanup(primary)
+    first = sc.Follower(sc.Store(size=SIZE), primary.address)
+    cleanup(first)
+    cleanup(first.store)
+    converge(first, store, primary.epoch)
+    random_writes(store, rng, 8)
+    published = primary.publish()
+    converge(first, store, published)
+    store.write(0, b"\x5a" * SIZE)  # old pages rewritten: their copies were skipped
+    late = sc.Follower(sc.Store(size=SIZE), primary.address)
+    cleanup(late)
+    cleanup(late.store)
+    # It cannot be given `published` (its old pages are gone), and is not given anything
+    # else: never a mix of epochs.
+    wait_until(lambda: any(s["state"] != "handshake" and s["sent_epoch"] == 0
+                           for s in primary.followers), what="the late follower's session")
+    time.sleep(0.3)
+    assert late.epoch == 0
+    converge(late, store, primary.publish())
+    converge(first, store, primary.epoch)
+
+
 def test_durable_primary_two_followers_byte_identical_at_each_commit(cleanup, tmp_path):
     rng = np.random.default_rng(2)
     ds = sc.DurableStore(tmp_path / "primary", size=SIZE)

@@ -1198,6 +1198,46 @@ static void test_checkpoint(void) {
     model_close(&a);
 }
 
+/* A floored snapshot keeps only pages above its floor; lowering is refused once a write
+ * skipped a copy, and what the floor still covers reads intact. */
+static void test_snapshot_floor(void) {
+    const uint64_t n = 16, ps = 4096;
+    sc_store *s = NULL;
+    CHECK_ST(sc_store_open(NULL, n * ps, ps, &s), SC_OK);
+    REQUIRE(s);
+    uint8_t *page = xmalloc(ps), *got = xmalloc(ps);
+    uint64_t e, versions[16];
+    for (uint64_t p = 0; p < n; p++) { /* page p at version p + 1 */
+        memset(page, (int)(p + 1), ps);
+        CHECK_ST(sc_store_write(s, p * ps, page, ps), SC_OK);
+        versions[p] = p + 1; /* a fresh store opens epoch 1; each snapshot closes one */
+        CHECK_ST(sc_snapshot_take(s, &e), SC_OK);
+        CHECK_ST(sc_snapshot_release(s, e), SC_OK);
+    }
+    CHECK_ST(sc_snapshot_take(s, &e), SC_OK);
+    int applied = 0;
+    CHECK_ST(sc_snapshot_set_floor(s, e, versions[n - 1], &applied), SC_OK);
+    CHECK(applied);
+    CHECK_ST(sc_snapshot_set_floor(s, e, versions[7], &applied), SC_OK); /* nothing written */
+    CHECK(applied);
+    CHECK_ST(sc_snapshot_set_floor(s, e + 1, 0, &applied), SC_ENOSNAP);
+    memset(page, 0xEE, ps);
+    for (uint64_t p = 0; p < n; p++) CHECK_ST(sc_store_write(s, p * ps, page, ps), SC_OK);
+    sc_stats st;
+    sc_store_stats(s, &st);
+    CHECK_EQ_U64(st.preserved_pages, n - 8); /* pages 8..15 are above the floor */
+    CHECK_ST(sc_snapshot_set_floor(s, e, 0, &applied), SC_OK);
+    CHECK(!applied);
+    for (uint64_t p = 8; p < n; p++) {
+        CHECK_ST(sc_snapshot_read(s, e, p * ps, got, ps), SC_OK);
+        CHECK(got[0] == p + 1 && got[ps - 1] == p + 1);
+    }
+    CHECK_ST(sc_snapshot_release(s, e), SC_OK);
+    free(page);
+    free(got);
+    sc_store_close(s);
+}
+
 /* Large enough for two restore threads: the first bad entry is reported even when the
  * other thread fails first on a later one. */
 static void test_restore_first_bad(void) {
@@ -1623,6 +1663,7 @@ static const test_case tests[] = {
     {"replay", test_replay},
     {"checkpoint", test_checkpoint},
     {"restore_first_bad", test_restore_first_bad},
+    {"snapshot_floor", test_snapshot_floor},
     {"murmur3", test_murmur3},
     {"threaded_snapshot", test_threaded_snapshot},
     {"threaded_page_transitions", test_threaded_page_transitions},

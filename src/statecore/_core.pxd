@@ -46,6 +46,7 @@ cdef extern from "statecore.h" nogil:
 
     sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out)
     sc_status sc_snapshot_release(sc_store *s, uint64_t epoch)
+    sc_status sc_snapshot_set_floor(sc_store *s, uint64_t epoch, uint64_t floor, int *applied)
     sc_status sc_snapshot_read(sc_store *s, uint64_t epoch, uint64_t offset, void *dst, uint64_t length)
     sc_status sc_snapshot_read_pages(sc_store *s, uint64_t epoch, const uint64_t *ids, uint64_t n,
                                      void *dst, uint64_t *versions)

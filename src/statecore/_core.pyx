@@ -548,6 +548,19 @@ cdef class StoreCore:
         finally:
             self._leave()
 
+    def _set_floor(self, uint64_t epoch, uint64_t floor):
+        """True when applied; False when a lower floor came too late (see statecore.h)."""
+        cdef int applied = 0
+        cdef sc_status st
+        self._enter()
+        try:
+            with nogil:
+                st = sc_snapshot_set_floor(self._s, epoch, floor, &applied)
+            check(st, "snapshot floor")
+        finally:
+            self._leave()
+        return bool(applied)
+
     def _snap_read(self, uint64_t epoch, uint64_t offset, uint64_t length):
         cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>length)
         cdef char *dst = PyBytes_AS_STRING(out)

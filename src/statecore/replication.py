@@ -59,13 +59,33 @@ def _is_fresh(store: Store) -> bool:
 
 
 class _Publication:
-    """The snapshot followers are brought to, and the commit delta that led to it."""
+    """The snapshot followers are brought to, and the commit delta that led to it.
 
-    def __init__(self, snap: Snapshot, delta: Optional[Delta]) -> None:
+    Its floor is the oldest epoch a follower was at when it was published: senders read
+    only pages changed after that, so writes skip copying older pages for it. A follower
+    that needs older pages lowers the floor, which fails once such a copy was skipped; it
+    then waits for the next publication, whose floor takes it into account."""
+
+    def __init__(self, snap: Snapshot, delta: Optional[Delta], floor: int) -> None:
         snap._retain()  # owned until replaced; senders hold it while they read it
         self.snap = snap
         self.delta = delta
         self.epoch = snap.epoch
+        self.floor = floor
+        self._floor_lock = threading.Lock()
+
+    def serves(self, since: int) -> bool:
+        """Whether delta(since, epoch] can be read from the snapshot."""
+        with self._floor_lock:
+            if since >= self.floor:
+                return True
+            try:
+                lowered = self.snap._set_floor(since)
+            except errors.SnapshotReleased:
+                return False
+            if lowered:
+                self.floor = since
+            return lowered
 
     def drop(self) -> None:
         self.snap.release()
@@ -106,15 +126,26 @@ class Primary:
         return snap.epoch
 
     def _on_commit(self, delta: Delta, snap: Snapshot) -> None:
-        self._publish(snap, delta)
+        # Another listener may read the same snapshot: no floor then.
+        self._publish(snap, delta, sole_reader=len(self.store._listeners) == 1)
 
-    def _publish(self, snap: Snapshot, delta: Optional[Delta]) -> None:
-        pub = _Publication(snap, delta)
+    def _publish(self, snap: Snapshot, delta: Optional[Delta], sole_reader: bool = True) -> None:
+        floor = self._floor_for(snap.epoch) if sole_reader else 0
+        if floor:
+            snap._set_floor(floor)  # raised before any sender can read it
+        pub = _Publication(snap, delta, floor)
         with self._cond:
             old, self._pub = self._pub, pub
             self._cond.notify_all()
         if old is not None:
             old.drop()
+
+    def _floor_for(self, epoch: int) -> int:
+        """The oldest epoch a follower will ask for a delta from: the lowest any session has
+        been sent (0 during a handshake or a full sync); `epoch` when none is connected."""
+        with self._cond:
+            sessions = [s for s in self._sessions if s.is_alive()]
+        return min((s.sent for s in sessions), default=epoch)
 
     @property
     def epoch(self) -> int:
@@ -279,14 +310,16 @@ class _Session(threading.Thread):
 
     def _send_loop(self) -> None:
         p = self.primary
+        done = 0  # a publication this follower has, or cannot be served from
         while not self._halt.is_set() and not p._closed:
+            done = max(done, self.sent)
             with p._cond:
-                if p._pub is None or p._pub.epoch <= self.sent:
+                if p._pub is None or p._pub.epoch <= done:
                     p._cond.wait(timeout=PING_INTERVAL)
                 pub = p._pub
             if self._halt.is_set() or p._closed:
                 return
-            if pub is None or pub.epoch <= self.sent:
+            if pub is None or pub.epoch <= done:
                 wire.send_json(self.conn, wire.PING, {"epoch": self.sent})
                 continue
             commit = pub.delta
@@ -299,8 +332,10 @@ class _Session(threading.Thread):
                         self._send(wire.PART, pieces, pub.epoch if last else None)
                 else:
                     self._send(wire.DELTA, [commit.encode()], pub.epoch)
-            else:
+            elif pub.serves(self.sent):
                 self._send_to(pub)
+            else:
+                done = pub.epoch  # writes moved on past its floor: the next one is ours
 
     def _send(self, ftype: int, pieces: List[Any], last_of: Optional[int]) -> None:
         """One frame of these body pieces; `last_of`: the epoch the follower holds once it

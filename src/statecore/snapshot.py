@@ -95,6 +95,17 @@ class Snapshot:
             self._refs += 1
         return self
 
+    def _set_floor(self, floor: int) -> bool:
+        """Internal (replication): from now on this snapshot is read only for pages whose
+        version is above `floor`, so writes skip copying older pages. Raising needs the
+        caller to be its only reader; lowering returns False when a write already skipped
+        a copy (see sc_snapshot_set_floor)."""
+        store = self._acquire()
+        try:
+            return store._set_floor(self.epoch, floor)
+        finally:
+            self._done()
+
     def _do_release(self) -> None:
         store = self._store
         self._released = True

@@ -1,0 +1,118 @@
+"""Snapshot floors (internal, used by replication): a snapshot read only for pages changed
+after its floor lets writes skip copying older pages, and can lower its floor only while no
+write has skipped a copy since it was raised."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+import statecore as sc
+
+PS = 4096
+N = 64
+
+
+def page(fill: int) -> bytes:
+    return bytes([fill]) * PS
+
+
+def store_with_versions(n: int = N) -> "tuple[sc.Store, np.ndarray]":
+    """A store whose page i was last written at epoch 1 + i % 8 (versions 1..8)."""
+    store = sc.Store(size=n * PS)
+    versions = np.zeros(n, dtype=np.int64)
+    for k in range(8):
+        ids = np.arange(k, n, 8, dtype=np.uint64)
+        store.write_pages(ids, np.full(len(ids) * PS, k + 1, dtype=np.uint8))
+        versions[ids.astype(np.int64)] = store.epoch
+        store.snapshot().release()  # closes the epoch
+    return store, versions
+
+
+def test_writes_skip_copies_at_or_below_the_floor_and_keep_those_above():
+    store, versions = store_with_versions()
+    snap = store.snapshot()
+    expected = bytes(store.read(0, store.size))
+    assert snap._set_floor(4)
+    before = store.stats()["pages_preserved_total"]
+    store.write_pages(np.arange(N, dtype=np.uint64), np.full(N * PS, 0xEE, dtype=np.uint8))
+    preserved = store.stats()["pages_preserved_total"] - before
+    assert preserved == int((versions > 4).sum())
+    # What the floor promises to read is intact, through reads and through a delta.
+    for p in np.flatnonzero(versions > 4):
+        assert snap.read(int(p) * PS, PS) == expected[p * PS:(p + 1) * PS]
+    delta = store.delta(4, snap)
+    assert sorted(delta.page_ids.tolist()) == np.flatnonzero(versions > 4).tolist()
+    replica = sc.Store(size=N * PS)
+    replica.apply(delta, allow_gap=True)  # only the pages above the floor
+    for p in np.flatnonzero(versions > 4):
+        assert replica.read(int(p) * PS, PS) == expected[p * PS:(p + 1) * PS]
+    snap.release()
+    store.close()
+    replica.close()
+
+
+def test_a_snapshot_without_a_floor_keeps_every_page():
+    store, versions = store_with_versions()
+    floored = store.snapshot()
+    assert floored._set_floor(8)
+    whole = store.snapshot()  # floor 0: reads every page
+    expected = bytes(store.read(0, store.size))
+    store.write_pages(np.arange(N, dtype=np.uint64), np.full(N * PS, 0xEE, dtype=np.uint8))
+    assert whole.read(0, store.size) == expected
+    whole.release()
+    # Released: only the floored snapshot is left, so old pages are no longer copied.
+    before = store.stats()["pages_preserved_total"]
+    store.write_pages(np.arange(N, dtype=np.uint64), np.full(N * PS, 0xEF, dtype=np.uint8))
+    assert store.stats()["pages_preserved_total"] == before
+    floored.release()
+    store.close()
+
+
+def test_lowering_applies_while_no_copy_was_skipped_and_is_refused_after():
+    store, versions = store_with_versions()
+    snap = store.snapshot()
+    expected = bytes(store.read(0, store.size))
+    assert snap._set_floor(8)
+    assert snap._set_floor(3)  # nothing written yet: the pages above 3 are all intact
+    store.write(0, page(0x11))  # page 0 has version 1 <= 3: its copy is skipped
+    assert not snap._set_floor(0)
+    # The refused floor stays 3: pages above it are still kept.
+    store.write_pages(np.arange(N, dtype=np.uint64), np.full(N * PS, 0xEE, dtype=np.uint8))
+    for p in np.flatnonzero(versions > 3):
+        assert snap.read(int(p) * PS, PS) == expected[p * PS:(p + 1) * PS]
+    snap.release()
+    store.close()
+
+
+def test_lowering_races_with_a_writer_and_never_loses_a_page_it_then_reads():
+    """One vectorized write (GIL released) skips copies while this thread lowers the
+    floor: whenever lowering reports success, every page above the new floor must read as
+    it was at the snapshot."""
+    rng = np.random.default_rng(7)
+    n = 4096
+    outcomes = set()
+    for trial in range(40):
+        store, versions = store_with_versions(n)
+        snap = store.snapshot()
+        expected = np.frombuffer(store.read(0, store.size), dtype=np.uint8).reshape(n, PS)
+        assert snap._set_floor(8)
+        order = rng.permutation(n).astype(np.uint64)
+        data = np.full(n * PS, 0xA0 + trial % 16, dtype=np.uint8)
+        t = threading.Thread(target=store.write_pages, args=(order, data))
+        t.start()
+        time.sleep(float(rng.uniform(0, 0.004)))  # land anywhere in the write
+        lowered = snap._set_floor(2)
+        t.join()
+        outcomes.add(lowered)
+        floor = 2 if lowered else 8
+        keep = np.flatnonzero(versions > floor)
+        data, got_versions = snap.read_pages(keep)
+        got = np.frombuffer(data, dtype=np.uint8).reshape(len(keep), PS)
+        bad = np.flatnonzero((got != expected[keep]).any(axis=1))
+        assert not len(bad), (trial, lowered, keep[bad][:5])
+        assert (got_versions == versions[keep]).all()
+        snap.release()
+        store.close()
+    assert False in outcomes  # the writer really raced with the lowering

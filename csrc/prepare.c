@@ -34,7 +34,8 @@ static bool copy_skippable(sc_store *s, uint64_t version) {
     if (!floor || version > floor) return false; /* floor 0: some snapshot reads every page */
     sc__writer_add(&s->floor_skips, 1);
     atomic_thread_fence(memory_order_seq_cst);
-    return version <= atomic_load_explicit(&s->preserve_floor, memory_order_relaxed);
+    floor = atomic_load_explicit(&s->preserve_floor, memory_order_relaxed);
+    return floor && version <= floor;
 }
 
 /* A live snapshot still reads the page's current content. */

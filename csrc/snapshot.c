@@ -106,7 +106,9 @@ sc_status sc_snapshot_set_floor(sc_store *s, uint64_t epoch, uint64_t floor, int
     if (!snap) { pthread_rwlock_unlock(&s->chain_lock); return SC_ENOSNAP; }
     bool ok = true;
     if (floor >= snap->floor) {
-        snap->skips_at_floor = atomic_load(&s->floor_skips);
+        /* Counted from the first raise: a skip under any floor since then may be a page
+         * a later, lower floor reads. */
+        if (!snap->floor) snap->skips_at_floor = atomic_load(&s->floor_skips);
         snap->floor = floor;
         update_preserve_floor(s);
     } else {

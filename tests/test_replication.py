@@ -297,6 +297,31 @@ def test_a_caught_up_follower_spares_the_primarys_writers_their_copies(cleanup):
     converge(follower, store, primary.publish())
 
 
+def test_a_checkpoint_published_to_a_primary_keeps_every_page(cleanup, tmp_path):
+    """checkpoint() hands its snapshot to the primary and saves it in the background: the
+    primary must not floor a snapshot it is not the only reader of."""
+    ds = sc.DurableStore(tmp_path / "p", size=SIZE)
+    cleanup(ds)
+    ds.write(0, b"\x01" * SIZE)
+    ds.commit()
+    primary = sc.Primary(ds)
+    cleanup(primary)
+    follower = sc.Follower(sc.Store(size=SIZE), primary.address)
+    cleanup(follower)
+    cleanup(follower.store)
+    follower.wait_for(ds.committed_epoch, timeout=10)
+    gate = threading.Event()
+    ds._checkpointer.submit(gate.wait)  # the save starts only after the writes below
+    fut = ds.checkpoint()
+    ds.write(0, b"\x02" * SIZE)
+    gate.set()
+    epoch = fut.result(timeout=30)
+    from statecore.manifest import checkpoint_name
+    restored = sc.Store.load(tmp_path / "p" / checkpoint_name(epoch))
+    cleanup(restored)
+    assert restored.read(0, SIZE) == b"\x01" * SIZE
+
+
 def test_a_follower_joining_an_idle_primary_is_served_from_the_floored_publication(cleanup):
     rng = np.random.default_rng(11)
     store = sc.Store(size=SIZE)

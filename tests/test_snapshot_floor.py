@@ -86,33 +86,55 @@ def test_lowering_applies_while_no_copy_was_skipped_and_is_refused_after():
     store.close()
 
 
+def test_raising_again_keeps_counting_skips_from_the_first_raise():
+    store, versions = store_with_versions()
+    snap = store.snapshot()
+    expected = bytes(store.read(0, store.size))
+    assert snap._set_floor(5)
+    store.write(0, page(0x22))  # page 0 (version 1): copy skipped
+    assert snap._set_floor(5) and snap._set_floor(6)  # raises apply ...
+    assert not snap._set_floor(0)  # ... but do not forget the skip
+    for p in np.flatnonzero(versions > 6):
+        assert snap.read(int(p) * PS, PS) == expected[p * PS:(p + 1) * PS]
+    snap.release()
+    store.close()
+
+
 def test_lowering_races_with_a_writer_and_never_loses_a_page_it_then_reads():
-    """One vectorized write (GIL released) skips copies while this thread lowers the
-    floor: whenever lowering reports success, every page above the new floor must read as
-    it was at the snapshot."""
+    """One vectorized write (GIL released) first rewrites the pages above floor 4 (copied)
+    and then those at or below it (copies skipped), while this thread lowers the floor to
+    0. Lowering may land before the first skip (applied: from then on the writer must copy
+    every page) or after (refused): whichever it reports, every page the floor it leaves
+    covers must read as it was at the snapshot."""
     rng = np.random.default_rng(7)
-    n = 4096
+    n = 16384  # the copies above the floor take a few ms: room for the lowering to land
     outcomes = set()
-    for trial in range(40):
+    for trial in range(24):
         store, versions = store_with_versions(n)
         snap = store.snapshot()
         expected = np.frombuffer(store.read(0, store.size), dtype=np.uint8).reshape(n, PS)
-        assert snap._set_floor(8)
-        order = rng.permutation(n).astype(np.uint64)
+        assert snap._set_floor(4)
+        above = np.flatnonzero(versions > 4)
+        order = np.concatenate([rng.permutation(above),
+                                rng.permutation(np.flatnonzero(versions <= 4))])
         data = np.full(n * PS, 0xA0 + trial % 16, dtype=np.uint8)
-        t = threading.Thread(target=store.write_pages, args=(order, data))
-        t.start()
-        time.sleep(float(rng.uniform(0, 0.004)))  # land anywhere in the write
-        lowered = snap._set_floor(2)
+        t = threading.Thread(target=store.write_pages, args=(order.astype(np.uint64), data))
+        if trial == 0:  # once before the write: lowering with nothing skipped applies
+            lowered = snap._set_floor(0)
+            assert lowered
+            t.start()
+        else:
+            t.start()
+            time.sleep(float(rng.uniform(0, 0.008)))  # land anywhere in the write
+            lowered = snap._set_floor(0)
         t.join()
         outcomes.add(lowered)
-        floor = 2 if lowered else 8
-        keep = np.flatnonzero(versions > floor)
-        data, got_versions = snap.read_pages(keep)
-        got = np.frombuffer(data, dtype=np.uint8).reshape(len(keep), PS)
+        keep = np.arange(n) if lowered else above
+        data_, got_versions = snap.read_pages(keep)
+        got = np.frombuffer(data_, dtype=np.uint8).reshape(len(keep), PS)
         bad = np.flatnonzero((got != expected[keep]).any(axis=1))
         assert not len(bad), (trial, lowered, keep[bad][:5])
         assert (got_versions == versions[keep]).all()
         snap.release()
         store.close()
-    assert False in outcomes  # the writer really raced with the lowering
+    assert False in outcomes  # the lowering also landed after skips

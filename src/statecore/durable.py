@@ -253,6 +253,7 @@ class DurableStore(Store):
             self._wait_durable(ticket)
             self.last_commit = {"epoch": snap.epoch, "pages": delta.n_pages,
                                 "bytes": delta.nbytes, "seconds": time.perf_counter() - t0}
+            snap._listeners_only = True  # not read here after the listeners: they may floor it
             self._publish(delta, snap)
         finally:
             snap.release()

@@ -126,11 +126,13 @@ class Primary:
         return snap.epoch
 
     def _on_commit(self, delta: Delta, snap: Snapshot) -> None:
-        # Another listener may read the same snapshot: no floor then.
-        self._publish(snap, delta, sole_reader=len(self.store._listeners) == 1)
+        # A floor is a promise for every reader of the snapshot: none for a checkpoint's
+        # (saved in the background) or one another listener may read.
+        sole = getattr(snap, "_listeners_only", False) and len(self.store._listeners) == 1
+        self._publish(snap, delta, sole_reader=sole)
 
     def _publish(self, snap: Snapshot, delta: Optional[Delta], sole_reader: bool = True) -> None:
-        floor = self._floor_for(snap.epoch) if sole_reader else 0
+        floor = self._floor_for() if sole_reader else 0
         if floor:
             snap._set_floor(floor)  # raised before any sender can read it
         pub = _Publication(snap, delta, floor)
@@ -140,12 +142,13 @@ class Primary:
         if old is not None:
             old.drop()
 
-    def _floor_for(self, epoch: int) -> int:
+    def _floor_for(self) -> int:
         """The oldest epoch a follower will ask for a delta from: the lowest any session has
-        been sent (0 during a handshake or a full sync); `epoch` when none is connected."""
+        been sent (0 during a handshake or a full sync). 0 with no follower connected: the
+        next one may need anything, and must not wait for a publish that may never come."""
         with self._cond:
-            sessions = [s for s in self._sessions if s.is_alive()]
-        return min((s.sent for s in sessions), default=epoch)
+            sessions = [s for s in self._sessions if s.state != "closed"]
+        return min((s.sent for s in sessions), default=0)
 
     @property
     def epoch(self) -> int:

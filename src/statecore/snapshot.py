@@ -50,6 +50,7 @@ class Snapshot:
         self._refs = 1    # owners; the last owner's release() frees it
         self._release_wanted = False
         self._released = False
+        self._listeners_only = False  # DurableStore: read by commit listeners only
 
     # ---- lifetime ------------------------------------------------------------------
     def __enter__(self) -> "Snapshot":

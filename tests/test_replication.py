@@ -285,10 +285,7 @@ def test_a_caught_up_follower_spares_the_primarys_writers_their_copies(cleanup):
     store.write(0, b"\x01" * SIZE)
     primary = sc.Primary(store)
     cleanup(primary)
-    replica = sc.Store(size=SIZE)
-    cleanup(replica)
-    follower = sc.Follower(replica, primary.address)
-    cleanup(follower)
+    follower = fresh_follower(cleanup, primary.address)
     converge(follower, store, primary.epoch)
     converge(follower, store, primary.publish())  # published while the follower is caught up
     before = store.stats()["pages_preserved_total"]
@@ -306,9 +303,7 @@ def test_a_checkpoint_published_to_a_primary_keeps_every_page(cleanup, tmp_path)
     ds.commit()
     primary = sc.Primary(ds)
     cleanup(primary)
-    follower = sc.Follower(sc.Store(size=SIZE), primary.address)
-    cleanup(follower)
-    cleanup(follower.store)
+    follower = fresh_follower(cleanup, primary.address)
     follower.wait_for(ds.committed_epoch, timeout=10)
     gate = threading.Event()
     ds._checkpointer.submit(gate.wait)  # the save starts only after the writes below
@@ -322,46 +317,43 @@ def test_a_checkpoint_published_to_a_primary_keeps_every_page(cleanup, tmp_path)
     assert restored.read(0, SIZE) == b"\x01" * SIZE
 
 
-def test_a_follower_joining_an_idle_primary_is_served_from_the_floored_publication(cleanup):
-    rng = np.random.default_rng(11)
+def fresh_follower(cleanup, address) -> sc.Follower:
+    """A follower on a new in-memory store; cleanup closes the follower, then the store."""
+    store = sc.Store(size=SIZE)
+    cleanup(store)
+    follower = sc.Follower(store, address)
+    cleanup(follower)
+    return follower
+
+
+def floored_primary(cleanup, seed: int):
+    """A plain-Store primary whose last publication was made while one follower was
+    caught up (so it is floored at that follower's epoch): (store, primary, follower)."""
+    rng = np.random.default_rng(seed)
     store = sc.Store(size=SIZE)
     cleanup(store)
     random_writes(store, rng, N_PAGES)
     primary = sc.Primary(store)
     cleanup(primary)
-    first = sc.Follower(sc.Store(size=SIZE), primary.address)
-    cleanup(first)
-    cleanup(first.store)
+    first = fresh_follower(cleanup, primary.address)
     converge(first, store, primary.epoch)
     random_writes(store, rng, 8)
-    epoch = primary.publish()  # floored at the first follower's epoch
-    converge(first, store, epoch)
+    converge(first, store, primary.publish())
+    return store, primary, first
+
+
+def test_a_follower_joining_an_idle_primary_is_served_from_the_floored_publication(cleanup):
+    store, primary, _ = floored_primary(cleanup, 11)
     # Nothing written since: the floor can come down to 0 for a full sync at once.
-    late = sc.Follower(sc.Store(size=SIZE), primary.address)
-    cleanup(late)
-    cleanup(late.store)
-    converge(late, store, epoch)
+    late = fresh_follower(cleanup, primary.address)
+    converge(late, store, primary.epoch)
 
 
 def test_a_follower_the_floored_publication_cannot_serve_takes_the_next(cleanup):
-    rng = np.random.default_rng(12)
-    store = sc.Store(size=SIZE)
-    cleanup(store)
-    random_writes(store, rng, N_PAGES)
-    primary = sc.Primary(store)
-    cleanup(primary)
-    first = sc.Follower(sc.Store(size=SIZE), primary.address)
-    cleanup(first)
-    cleanup(first.store)
-    converge(first, store, primary.epoch)
-    random_writes(store, rng, 8)
-    published = primary.publish()
-    converge(first, store, published)
+    store, primary, first = floored_primary(cleanup, 12)
     store.write(0, b"\x5a" * SIZE)  # old pages rewritten: their copies were skipped
-    late = sc.Follower(sc.Store(size=SIZE), primary.address)
-    cleanup(late)
-    cleanup(late.store)
-    # It cannot be given `published` (its old pages are gone), and is not given anything
+    late = fresh_follower(cleanup, primary.address)
+    # The last publication cannot serve it (old pages are gone), and it is given nothing
     # else: never a mix of epochs.
     wait_until(lambda: any(s["state"] != "handshake" and s["sent_epoch"] == 0
                            for s in primary.followers), what="the late follower's session")

@@ -34,6 +34,12 @@ def store_with_versions(n: int = N) -> "tuple[sc.Store, np.ndarray]":
     return store, versions
 
 
+def assert_kept(snap: sc.Snapshot, expected: bytes, pages) -> None:
+    """Each of these pages reads from the snapshot as `expected` (the state it was taken of)."""
+    for p in pages:
+        assert snap.read(int(p) * PS, PS) == expected[p * PS:(p + 1) * PS], p
+
+
 def test_writes_skip_copies_at_or_below_the_floor_and_keep_those_above():
     store, versions = store_with_versions()
     snap = store.snapshot()
@@ -44,8 +50,7 @@ def test_writes_skip_copies_at_or_below_the_floor_and_keep_those_above():
     preserved = store.stats()["pages_preserved_total"] - before
     assert preserved == int((versions > 4).sum())
     # What the floor promises to read is intact, through reads and through a delta.
-    for p in np.flatnonzero(versions > 4):
-        assert snap.read(int(p) * PS, PS) == expected[p * PS:(p + 1) * PS]
+    assert_kept(snap, expected, np.flatnonzero(versions > 4))
     delta = store.delta(4, snap)
     assert sorted(delta.page_ids.tolist()) == np.flatnonzero(versions > 4).tolist()
     replica = sc.Store(size=N * PS)
@@ -84,8 +89,7 @@ def test_lowering_applies_while_no_copy_was_skipped_and_is_refused_after():
     assert not snap._set_floor(0)
     # The refused floor stays 3: pages above it are still kept.
     store.write_pages(np.arange(N, dtype=np.uint64), np.full(N * PS, 0xEE, dtype=np.uint8))
-    for p in np.flatnonzero(versions > 3):
-        assert snap.read(int(p) * PS, PS) == expected[p * PS:(p + 1) * PS]
+    assert_kept(snap, expected, np.flatnonzero(versions > 3))
     snap.release()
     store.close()
 
@@ -98,8 +102,7 @@ def test_raising_again_keeps_counting_skips_from_the_first_raise():
     store.write(0, page(0x22))  # page 0 (version 1): copy skipped
     assert snap._set_floor(5) and snap._set_floor(6)  # raises apply ...
     assert not snap._set_floor(0)  # ... but do not forget the skip
-    for p in np.flatnonzero(versions > 6):
-        assert snap.read(int(p) * PS, PS) == expected[p * PS:(p + 1) * PS]
+    assert_kept(snap, expected, np.flatnonzero(versions > 6))
     snap.release()
     store.close()
 

@@ -280,18 +280,26 @@ typedef struct {
     const uint64_t *ids;
     const uint8_t *const *sources;
     sc_progress *progress;
+    bool stream; /* large: bypass the cache (stream_copy.c) */
 } scatter_job;
+
+static void copy_page(const scatter_job *j, uint64_t i) {
+    uint8_t *dst = j->s->data + (j->ids[i] << j->s->page_shift);
+    if (j->stream) sc__stream_page(dst, j->sources[i], j->s->page_size);
+    else memcpy(dst, j->sources[i], j->s->page_size);
+}
 
 static int scatter_range(void *ctx, uint64_t begin, uint64_t end) {
     scatter_job *j = ctx;
+    if (j->stream) sc__stream_fence(); /* each thread: the versions before its bytes */
     for (uint64_t i = begin; i < end;) {
         uint64_t start = i, stop = end - i > 256 ? i + 256 : end;
-        for (; i < stop; i++)
-            memcpy(j->s->data + (j->ids[i] << j->s->page_shift), j->sources[i], j->s->page_size);
+        for (; i < stop; i++) copy_page(j, i);
         if (j->progress) /* every 256 pages: cheap, and often enough for a progress bar */
             atomic_fetch_add_explicit(&j->progress->done, (stop - start) << j->s->page_shift,
                                       memory_order_relaxed);
     }
+    if (j->stream) sc__stream_fence(); /* and the bytes visible before the join */
     return SC_OK;
 }
 
@@ -305,6 +313,8 @@ sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t 
     sc_status st = SC_OK;
     uint64_t prepared = 0;
     for (; prepared < n; prepared++) {
+        if (prepared + SC_PREFETCH_AHEAD < n)
+            sc__prefetch_meta(s, ids[prepared + SC_PREFETCH_AHEAD]);
         st = sc__prep_page(&b, ids[prepared], new_versions[prepared]);
         if (st) break;
     }
@@ -313,12 +323,12 @@ sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t 
     if (st) {
         /* Out of memory part way: the pages prepared so far carry their new versions, so
          * they get their new bytes too (a retry would skip them as already applied). */
-        scatter_job partial = {s, ids, sources, NULL};
+        scatter_job partial = {s, ids, sources, NULL, false};
         scatter_range(&partial, 0, prepared);
         return st;
     }
     if (progress) atomic_store(&progress->total, n << s->page_shift);
-    scatter_job job = {s, ids, sources, progress};
+    scatter_job job = {s, ids, sources, progress, (n << s->page_shift) >= SC_STREAM_MIN_BYTES};
     sc__parallel_for(n, sc__threads_for(n << s->page_shift, threads), scatter_range, &job);
     atomic_fetch_add_explicit(&s->pages_applied, n, memory_order_relaxed);
     return SC_OK;

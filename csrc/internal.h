@@ -155,9 +155,24 @@ void sc__prep_init(sc_prep *b, sc_store *s);
 sc_status sc__prep_page(sc_prep *b, uint64_t page, uint64_t new_version);
 sc_status sc__prep_finish(sc_prep *b); /* copies, publishes, restamps; always frees */
 
+/* Random page ids miss the cache on every page's stamp and version, one miss after another:
+ * a writer walking a list of pages asks for those of a page this many ahead. */
+#define SC_PREFETCH_AHEAD 16
+static inline void sc__prefetch_meta(const sc_store *s, uint64_t p) {
+    __builtin_prefetch((const void *)&s->stamps[p], 1);
+    __builtin_prefetch((const void *)&s->versions[p], 1);
+}
+
 /* page_checksums.c: out[i] = sc_page_checksum(p[i], len), several pages side by side. */
 #define SC_CHECKSUM_BATCH 64 /* pages per call that keeps the lanes full and stays in cache */
 void sc__page_checksums_at(const uint8_t *const *p, uint64_t n, uint64_t len, uint64_t *out);
+
+/* stream_copy.c: whole-page copies that bypass the cache, for bulk writes of pages
+ * nobody reads soon. Fence before a run (new versions visible before new bytes) and after. */
+#define SC_STREAM_MIN_BYTES (4u << 20) /* below this, the copy may well be read again soon */
+bool sc__have_avx512(void); /* AVX-512 F and DQ, checked once */
+void sc__stream_fence(void);
+void sc__stream_page(uint8_t *dst, const uint8_t *src, uint64_t len);
 
 /* pool.c */
 void sc__pool_init(sc_pool *p, uint32_t page_size);

@@ -128,17 +128,6 @@ AVX512 static void eight_pages(const uint8_t *const p[8], uint64_t len, uint64_t
     }
 }
 
-static bool have_avx512(void) {
-    /* Any thread may be first: each computes the same answer. */
-    static _Atomic int cached = -1;
-    int v = atomic_load_explicit(&cached, memory_order_relaxed);
-    if (v < 0) {
-        __builtin_cpu_init();
-        v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-        atomic_store_explicit(&cached, v, memory_order_relaxed);
-    }
-    return v;
-}
 #endif
 
 /* Checksums of pages p[0..n), each `len` bytes. */
@@ -146,7 +135,7 @@ void sc__page_checksums_at(const uint8_t *const *p, uint64_t n, uint64_t len, ui
     uint64_t i = 0;
     if (len % 16 == 0 && len) {
 #ifdef HAVE_AVX512_PATH
-        if (have_avx512())
+        if (sc__have_avx512())
             for (; i + 8 <= n; i += 8) eight_pages(p + i, len, out + i);
 #endif
         for (; i + 4 <= n; i += 4) four_pages(p + i, len, out + i);

@@ -292,12 +292,20 @@ sc_status sc_store_touch_pages(sc_store *s, const uint64_t *ids, uint64_t n) {
     sc_prep b;
     sc__prep_init(&b, s);
     sc_status st = SC_OK;
-    for (uint64_t i = 0; i < n && st == SC_OK; i++) st = sc__prep_page(&b, ids[i], e);
+    for (uint64_t i = 0; i < n && st == SC_OK; i++) {
+        if (i + SC_PREFETCH_AHEAD < n) sc__prefetch_meta(s, ids[i + SC_PREFETCH_AHEAD]);
+        st = sc__prep_page(&b, ids[i], e);
+    }
     sc__prep_finish(&b);
     if (st) return st;
     sc__writer_add(&s->pages_written, n);
     sc_store_publish(s);
     return SC_OK;
+}
+
+/* A row index from Python's convention (negative counts from the end), already checked. */
+static uint64_t row_of(int64_t i, int64_t n_rows) {
+    return i < 0 ? (uint64_t)(i + n_rows) : (uint64_t)i;
 }
 
 sc_status sc_store_touch_rows(sc_store *s, const int64_t *idx, uint64_t n, uint64_t n_rows,
@@ -317,7 +325,10 @@ sc_status sc_store_touch_rows(sc_store *s, const int64_t *idx, uint64_t n, uint6
     sc__prep_init(&b, s);
     sc_status st = SC_OK;
     for (uint64_t i = 0; i < n && st == SC_OK; i++) {
-        uint64_t row = idx[i] < 0 ? (uint64_t)(idx[i] + hi) : (uint64_t)idx[i];
+        if (i + SC_PREFETCH_AHEAD < n)
+            sc__prefetch_meta(s, (base + row_of(idx[i + SC_PREFETCH_AHEAD], hi) * row_bytes) >>
+                                     s->page_shift);
+        uint64_t row = row_of(idx[i], hi);
         uint64_t start = base + row * row_bytes;
         uint64_t first = start >> s->page_shift, last = (start + row_bytes - 1) >> s->page_shift;
         for (uint64_t p = first; p <= last && st == SC_OK; p++) {
@@ -345,8 +356,16 @@ sc_status sc_store_write_pages(sc_store *s, const uint64_t *ids, uint64_t n, con
     sc_status st = sc_store_touch_pages(s, ids, n);
     if (st) return st;
     const uint8_t *in = src;
+    if ((n << s->page_shift) < SC_STREAM_MIN_BYTES) {
+        for (uint64_t i = 0; i < n; i++)
+            memcpy(s->data + (ids[i] << s->page_shift), in + (i << s->page_shift), s->page_size);
+        return SC_OK;
+    }
+    sc__stream_fence();
     for (uint64_t i = 0; i < n; i++)
-        memcpy(s->data + (ids[i] << s->page_shift), in + (i << s->page_shift), s->page_size);
+        sc__stream_page(s->data + (ids[i] << s->page_shift), in + (i << s->page_shift),
+                        s->page_size);
+    sc__stream_fence();
     return SC_OK;
 }
 

@@ -291,7 +291,10 @@ static void copy_page(const scatter_job *j, uint64_t i) {
 
 static int scatter_range(void *ctx, uint64_t begin, uint64_t end) {
     scatter_job *j = ctx;
-    if (j->stream) sc__stream_fence(); /* each thread: the versions before its bytes */
+    /* The restamps before the bytes: pthread_create already orders the writer's restamps
+     * before a worker's stores; this fence is for the range the writer copies itself
+     * (a pool of long-lived workers would need a release/acquire hand-off instead). */
+    if (j->stream) sc__stream_fence();
     for (uint64_t i = begin; i < end;) {
         uint64_t start = i, stop = end - i > 256 ? i + 256 : end;
         for (; i < stop; i++) copy_page(j, i);
@@ -313,8 +316,6 @@ sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t 
     sc_status st = SC_OK;
     uint64_t prepared = 0;
     for (; prepared < n; prepared++) {
-        if (prepared + SC_PREFETCH_AHEAD < n)
-            sc__prefetch_meta(s, ids[prepared + SC_PREFETCH_AHEAD]);
         st = sc__prep_page(&b, ids[prepared], new_versions[prepared]);
         if (st) break;
     }

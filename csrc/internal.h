@@ -167,12 +167,17 @@ static inline void sc__prefetch_meta(const sc_store *s, uint64_t p) {
 #define SC_CHECKSUM_BATCH 64 /* pages per call that keeps the lanes full and stays in cache */
 void sc__page_checksums_at(const uint8_t *const *p, uint64_t n, uint64_t len, uint64_t *out);
 
-/* stream_copy.c: whole-page copies that bypass the cache, for bulk writes of pages
- * nobody reads soon. Fence before a run (new versions visible before new bytes) and after. */
-#define SC_STREAM_MIN_BYTES (4u << 20) /* below this, the copy may well be read again soon */
+/* cpu.c */
 bool sc__have_avx512(void); /* AVX-512 F and DQ, checked once */
+
+/* stream_copy.c: whole-page copies that bypass the cache, for bulk writes of pages
+ * nobody reads soon. Fence before a run (new stamps visible before new bytes) and after. */
+#define SC_STREAM_MIN_BYTES (4u << 20) /* below this, the copy may well be read again soon */
+typedef enum { SC_COPY_PLAIN, SC_COPY_SSE2, SC_COPY_AVX512 } sc_copy_impl;
 void sc__stream_fence(void);
-void sc__stream_page(uint8_t *dst, const uint8_t *src, uint64_t len);
+void sc__stream_page(uint8_t *dst, const uint8_t *src, uint64_t len); /* the best one here */
+/* A given implementation (falls back to SSE2 without AVX-512): for the C tests. */
+void sc__stream_page_using(sc_copy_impl impl, uint8_t *dst, const uint8_t *src, uint64_t len);
 
 /* pool.c */
 void sc__pool_init(sc_pool *p, uint32_t page_size);

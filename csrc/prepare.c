@@ -82,10 +82,6 @@ static int copy_range(void *ctx, uint64_t begin, uint64_t end) {
     return SC_OK;
 }
 
-static uint64_t node_page(const sc_store *s, sc_node n) {
-    return sc__chunk_of(&s->pool, n)->page[sc__slot_of(&s->pool, n)];
-}
-
 static void flush(sc_prep *b) {
     sc_store *s = b->s;
     if (!b->n) return;
@@ -93,9 +89,7 @@ static void flush(sc_prep *b) {
     sc__parallel_for(b->n, sc__threads_for(b->n << s->page_shift, 0), copy_range, &job);
     uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
     for (uint64_t k = 0; k < b->n; k++) {
-        if (k + SC_PREFETCH_AHEAD < b->n)
-            __builtin_prefetch(&s->preserved[node_page(s, b->nodes[k + SC_PREFETCH_AHEAD])], 1);
-        uint64_t p = node_page(s, b->nodes[k]);
+        uint64_t p = sc__chunk_of(&s->pool, b->nodes[k])->page[sc__slot_of(&s->pool, b->nodes[k])];
         sc__node_publish(s, b->nodes[k]);
         restamp(s, p, seq, b->new_versions[k]);
         s->queued[p >> 6] &= ~(1ull << (p & 63));

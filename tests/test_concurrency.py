@@ -210,8 +210,9 @@ def test_snapshots_stay_exact_under_concurrent_writes(tmp_path, n_pages, hot):
 
 
 # Bulk writes of 4 MiB or more copy with streaming stores (csrc/stream_copy.c), which the
-# CPU may make visible before the page's new version unless fenced: "large" takes that path.
-STREAMED_PAGES = (4 << 20) // PAGE + 3
+# CPU may make visible before the page's new stamp unless fenced; from 8 MiB an apply
+# copies on two threads. "streamed" cases take those paths.
+STREAMED_PAGES = (9 << 20) // PAGE
 
 
 class ViaApply:
@@ -221,6 +222,10 @@ class ViaApply:
         self.store = store
         self.source = sc.Store(size=n_pages * PAGE)
         self.since = 0
+        # Pages carry the source's epochs: start them past the versions the store already
+        # has, or the first apply is skipped as already applied.
+        while self.source.epoch <= store.epoch:
+            self.source.snapshot().release()
 
     def __call__(self, pages: np.ndarray, data: np.ndarray) -> None:
         self.source.write_pages(pages, data)
@@ -239,44 +244,71 @@ def test_one_snapshot_read_by_many_threads_while_its_pages_change(n_pages, path)
         pages = np.arange(n_pages)
         store.write_pages(pages, fills(pages, np.full(n_pages, 7)))
         write = store.write_pages if path == "write_pages" else ViaApply(store, n_pages)
-        stop = threading.Event()
+        try:
+            rewrite_while_read(store, pages, write)
+        finally:
+            if isinstance(write, ViaApply):
+                write.source.close()
 
-        def rewrite() -> int:
-            counters = np.full(n_pages, 7)
-            rounds = 0
-            deadline = time.monotonic() + DURATION / 2
-            snaps = []
-            while time.monotonic() < deadline or rounds < 60:
-                counters += 1
-                write(pages, fills(pages, counters))
-                rounds += 1
-                if rounds % 50 == 0:          # new epochs, so pages are preserved again
-                    snaps.append(store.snapshot())
-                    if len(snaps) > 3:
-                        snaps.pop(0).release()
-            stop.set()
-            for s in snaps:
-                s.release()
-            # the writes landed (an apply that skipped pages as already applied would not)
-            assert (decode(store.read(0, n_pages * PAGE), pages) == counters).all()
-            return rounds
 
-        with store.snapshot() as snap:
-            def read() -> int:
-                n = 0
-                while not stop.is_set() or n == 0:
-                    data, _ = snap.read_pages(pages)
-                    assert (decode(data, pages) == 7).all()
-                    assert (decode(snap.read(0, n_pages * PAGE), pages) == 7).all()
-                    n += 1
-                return n
+def rewrite_while_read(store: sc.Store, pages: np.ndarray, write) -> None:
+    """`write(pages, data)` rewrites the pages over and over while three threads read: a
+    snapshot taken before, which must always read 7s, and the newest snapshot, taken
+    before each rewrite, which must read the counters of its epoch while the rewrite
+    moves its pages (the seqlock's live-page race, every round)."""
+    n_pages = len(pages)
+    stop = threading.Event()
+    lock = threading.Lock()
+    newest: list = [None, None]  # the snapshot before the current rewrite, its counters
 
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                w = pool.submit(rewrite)
-                rs = [pool.submit(read) for _ in range(3)]
-                assert w.result(timeout=60) >= 60
-                assert all(r.result(timeout=60) > 0 for r in rs)
-            assert store.stats()["preserved_pages"] == n_pages
-        assert store.stats()["preserved_pages"] == 0
-        if path == "apply":
-            write.source.close()
+    def rewrite() -> int:
+        counters = np.full(n_pages, 7)
+        rounds = 0
+        deadline = time.monotonic() + DURATION / 2
+        while time.monotonic() < deadline or rounds < 60:
+            with lock:
+                old, newest[:] = newest[0], [store.snapshot(), counters.copy()]
+            if old is not None:
+                old.release()
+            counters += 1
+            write(pages, fills(pages, counters))
+            rounds += 1
+        stop.set()
+        with lock:
+            newest[0].release()
+        # the writes landed (an apply that skipped pages as already applied would not)
+        assert (decode(store.read(0, n_pages * PAGE), pages) == counters).all()
+        return rounds
+
+    def read_newest(rng: random.Random) -> bool:
+        with lock:
+            snap, want = newest
+        if snap is None:
+            return False
+        ids = sorted(rng.sample(range(n_pages), min(n_pages, 64)))
+        try:
+            data, _ = snap.read_pages(ids)
+        except sc.SnapshotReleased:
+            return False
+        assert (decode(data, ids) == want[ids]).all()
+        return True
+
+    with store.snapshot() as first:
+        def read(seed: int) -> int:
+            rng = random.Random(seed)
+            n = checked = 0
+            while not stop.is_set() or n == 0:
+                data, _ = first.read_pages(pages)
+                assert (decode(data, pages) == 7).all()
+                assert (decode(first.read(0, n_pages * PAGE), pages) == 7).all()
+                checked += read_newest(rng)
+                n += 1
+            return checked
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            w = pool.submit(rewrite)
+            rs = [pool.submit(read, i) for i in range(3)]
+            assert w.result(timeout=60) >= 60
+            assert sum(r.result(timeout=60) for r in rs) > 0
+        assert store.stats()["preserved_pages"] == n_pages
+    assert store.stats()["preserved_pages"] == 0

@@ -129,6 +129,7 @@ struct sc_store {
     _Atomic sc_node *preserved;  /* per-page chain heads; allocated on first snapshot */
     uint64_t *queued;            /* bit per page: in a prepare batch, copy pending */
     sc_pool pool;
+    void *replay_scratch;        /* replay.c's per-page table, kept between replays */
 
     _Atomic uint64_t preserved_pages;
     _Atomic uint64_t pages_written;
@@ -136,6 +137,9 @@ struct sc_store {
     _Atomic uint64_t deltas_applied;
     _Atomic uint64_t pages_applied;
 };
+
+/* replay.c */
+void sc__replay_scratch_free(sc_store *s);
 
 /* store.c */
 void sc__persist_header(sc_store *s);

@@ -209,6 +209,7 @@ sc_status sc_store_open(const char *path, uint64_t size, uint32_t page_size, sc_
 void sc_store_close(sc_store *s) {
     if (!s) return;
     sc__free_all_preserved(s);
+    sc__replay_scratch_free(s);
     free(s->snaps);
     if (s->fh) sc__persist_header(s);
     if (s->map) munmap(s->map, s->map_len);

@@ -25,7 +25,7 @@ def test_write_pages_throughput(measure, key):
 
 
 @pytest.mark.parametrize("key", ["random.statecore", "random.statecore_snap", "random.numpy",
-                                 "random.numpy_copy",
+                                 "random.numpy_copy", "random.copy_floor",
                                  "random.numpy_4k", "random.fork"])
 def test_random_int64_writes(measure, key):
     """1M random int64 writes: StateArray (no snapshot; one live snapshot taken just before,

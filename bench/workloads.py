@@ -376,6 +376,32 @@ def _random_numpy_copy(scale: Scale) -> Iterator[Case]:
         free_memory()
 
 
+@case("random.copy_floor")
+def _random_copy_floor(scale: Scale) -> Iterator[Case]:
+    # Only the copies a first pass under a live snapshot cannot avoid (each touched page
+    # once), on two threads like statecore's, with no writes and no bookkeeping: the
+    # floor under the "live snapshot vs without" ratio on this machine.
+    from concurrent.futures import ThreadPoolExecutor
+    nd = touched_ndarray(scale.random_store)
+    idx, _ = _random_writes(scale)
+    pages = nd.view(np.uint8).reshape(-1, PAGE)
+    touched = np.unique(idx * 8 // PAGE).astype(np.intp)
+    saved = touched_ndarray(len(touched) * PAGE, np.uint8).reshape(-1, PAGE)
+    half = len(touched) // 2
+    halves = [slice(0, half), slice(half, len(touched))]
+    pool = ThreadPoolExecutor(2)
+
+    def copy(part: slice) -> None:  # np.take releases the GIL
+        np.take(pages, touched[part], axis=0, out=saved[part], mode="clip")
+
+    try:
+        yield Case(run=lambda: list(pool.map(copy, halves)), rounds=rounds(scale, 8), warmup=1)
+    finally:
+        pool.shutdown()
+        del nd, pages, saved
+        free_memory()
+
+
 @case("random.numpy_4k")
 def _random_numpy_4k(scale: Scale) -> Iterator[Case]:
     # numpy madvises large arrays for transparent huge pages; the store's mapping gets
@@ -797,6 +823,11 @@ ROWS: List[Row] = [
                 "touched page preserved) vs without"),
         ("random.statecore_snap", T), ("random.statecore", T), 4.0,
         "brief: at most 4x slower than without a snapshot"),
+    Row(2, _lbl("(info) numpy copying each page those writes touch once, on two threads, "
+                "nothing else, vs StateArray without a snapshot"),
+        ("random.copy_floor", T), ("random.statecore", T), None),
+    Row(2, _lbl("(info) StateArray with a live snapshot vs that copy alone"),
+        ("random.statecore_snap", T), ("random.copy_floor", T), None),
     Row(2, _lbl("(info) same, vs numpy fancy assignment alone"),
         ("random.statecore_snap", T), ("random.numpy", T), None),
     Row(2, _lbl("{nw} random writes with a live snapshot: StateArray vs fork() child alive"),

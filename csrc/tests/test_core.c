@@ -225,7 +225,7 @@ static uint8_t *build_parsed(sc_store *s, uint64_t since, uint64_t until, sc_del
     uint64_t bad = UINT64_MAX;
     st = sc_delta_parse(buf, *len, SC_KIND_DELTA, 1, v, &bad);
     CHECK_ST(st, SC_OK);
-    if (st) { free(buf); return NULL; }
+    if (st) { sc_buffer_free(buf, *len); return NULL; }
     return buf;
 }
 

@@ -148,11 +148,24 @@ void sc__persist_header(sc_store *s);
  * time, or many through a batch that makes the preserving copies with a few threads. */
 sc_status sc__prepare_page(sc_store *s, uint64_t page, uint64_t new_version);
 
+/* prep_copier.c: a helper thread that copies a batch's preserved pages while the writer
+ * prepares the next batch; the writer helps finish each batch before publishing it. */
+typedef struct sc_copier sc_copier;
+sc_copier *sc__copier_start(sc_store *s); /* NULL: no thread (one core, or it failed) */
+void sc__copier_submit(sc_copier *c, const sc_node *nodes, uint64_t n);
+void sc__copier_finish(sc_copier *c);     /* returns once every page of the batch is copied */
+void sc__copier_stop(sc_copier *c);
+
 typedef struct sc_prep {
     sc_store *s;
     sc_node *nodes;          /* preserved, copy pending, not yet published */
     uint64_t *new_versions;  /* what each queued page's version becomes */
     uint64_t n, cap;
+    /* The previous full batch, being copied by the copier (made at the first full one). */
+    sc_node *flight_nodes;
+    uint64_t *flight_versions;
+    uint64_t flight_n;
+    sc_copier *copier;
 } sc_prep;
 
 void sc__prep_init(sc_prep *b, sc_store *s);

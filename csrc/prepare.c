@@ -82,18 +82,58 @@ static int copy_range(void *ctx, uint64_t begin, uint64_t end) {
     return SC_OK;
 }
 
+static void publish(sc_store *s, const sc_node *nodes, const uint64_t *new_versions,
+                    uint64_t n) {
+    uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
+    for (uint64_t k = 0; k < n; k++) {
+        uint64_t p = sc__chunk_of(&s->pool, nodes[k])->page[sc__slot_of(&s->pool, nodes[k])];
+        sc__node_publish(s, nodes[k]);
+        restamp(s, p, seq, new_versions[k]);
+        s->queued[p >> 6] &= ~(1ull << (p & 63));
+    }
+}
+
+/* The batch, copied here and now (a few threads when large), then published. */
 static void flush(sc_prep *b) {
     sc_store *s = b->s;
     if (!b->n) return;
     copy_job job = {s, b->nodes};
     sc__parallel_for(b->n, sc__threads_for(b->n << s->page_shift, 0), copy_range, &job);
-    uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed);
-    for (uint64_t k = 0; k < b->n; k++) {
-        uint64_t p = sc__chunk_of(&s->pool, b->nodes[k])->page[sc__slot_of(&s->pool, b->nodes[k])];
-        sc__node_publish(s, b->nodes[k]);
-        restamp(s, p, seq, b->new_versions[k]);
-        s->queued[p >> 6] &= ~(1ull << (p & 63));
+    publish(s, b->nodes, b->new_versions, b->n);
+    b->n = 0;
+}
+
+static void finish_flight(sc_prep *b) {
+    if (!b->flight_n) return;
+    sc__copier_finish(b->copier);
+    publish(b->s, b->flight_nodes, b->flight_versions, b->flight_n);
+    b->flight_n = 0;
+}
+
+/* A full batch goes to the copier, and the writer fills the other one meanwhile; without
+ * a copier (one core, or no memory for a second batch) it is flushed in place. The batch
+ * before it is published only once the copier has the new one, so that neither thread
+ * waits for the other's serial work. */
+static void hand_off(sc_prep *b) {
+    if (!b->copier && !b->flight_nodes) {
+        b->flight_nodes = malloc(b->cap * sizeof *b->flight_nodes);
+        b->flight_versions = malloc(b->cap * sizeof *b->flight_versions);
+        if (b->flight_nodes && b->flight_versions) b->copier = sc__copier_start(b->s);
     }
+    if (!b->copier) {
+        flush(b);
+        return;
+    }
+    if (b->flight_n) sc__copier_finish(b->copier);
+    sc_node *done_nodes = b->flight_nodes;
+    uint64_t *done_versions = b->flight_versions, done_n = b->flight_n;
+    b->flight_nodes = b->nodes;
+    b->flight_versions = b->new_versions;
+    b->flight_n = b->n;
+    sc__copier_submit(b->copier, b->flight_nodes, b->flight_n);
+    publish(b->s, done_nodes, done_versions, done_n);
+    b->nodes = done_nodes;
+    b->new_versions = done_versions;
     b->n = 0;
 }
 
@@ -112,7 +152,7 @@ static sc_status queue(sc_prep *b, uint64_t p, uint64_t version, uint64_t stamp,
     b->nodes[b->n] = n;
     b->new_versions[b->n++] = new_version;
     s->queued[p >> 6] |= 1ull << (p & 63);
-    if (b->n == b->cap) flush(b);
+    if (b->n == b->cap) hand_off(b);
     return SC_OK;
 }
 
@@ -133,9 +173,22 @@ sc_status sc__prep_page(sc_prep *b, uint64_t p, uint64_t new_version) {
 }
 
 sc_status sc__prep_finish(sc_prep *b) {
-    flush(b);
+    if (b->copier) {
+        finish_flight(b);
+        if (b->n) {
+            sc__copier_submit(b->copier, b->nodes, b->n);
+            sc__copier_finish(b->copier);
+            publish(b->s, b->nodes, b->new_versions, b->n);
+            b->n = 0;
+        }
+        sc__copier_stop(b->copier);
+    } else {
+        flush(b);
+    }
     free(b->nodes);
     free(b->new_versions);
+    free(b->flight_nodes);
+    free(b->flight_versions);
     memset(b, 0, sizeof *b);
     return SC_OK;
 }

@@ -234,9 +234,15 @@ class ViaApply:
             self.since = snap.epoch
 
 
+# Writes preserving more than one 16 MiB batch copy one on a helper thread while the
+# writer prepares the next (csrc/prep_copier.c): "pipelined" takes that path.
+PIPELINED_PAGES = (40 << 20) // PAGE
+
+
 @pytest.mark.parametrize("n_pages,path", [(8, "write_pages"), (STREAMED_PAGES, "write_pages"),
-                                          (STREAMED_PAGES, "apply")],
-                         ids=["small", "streamed", "streamed-apply"])
+                                          (STREAMED_PAGES, "apply"),
+                                          (PIPELINED_PAGES, "write_pages")],
+                         ids=["small", "streamed", "streamed-apply", "pipelined"])
 def test_one_snapshot_read_by_many_threads_while_its_pages_change(n_pages, path):
     """All threads hammer the same pages of the same snapshot while the writer rewrites
     exactly those pages: the seqlock fallback to the preserved copy is exercised."""

@@ -558,13 +558,15 @@ static void test_write_pages(void) {
     sc_store_close(s);
 }
 
-/* Bulk writes and applies of 4 MiB or more take the streaming-store copy (stream_copy.c):
- * same bytes, versions and snapshot behaviour as the ordinary copy, from an unaligned
- * source too. */
+/* Bulk writes and applies of 4 MiB or more take the streaming-store copy (stream_copy.c),
+ * and a write preserving several batches copies them on the copier thread
+ * (prep_copier.c): same bytes, versions and snapshot behaviour as the ordinary paths,
+ * from an unaligned source too. */
 static void test_streamed_writes(void) {
     const uint32_t ps = 4096;
-    /* 9 MiB: above SC_STREAM_MIN_BYTES (4 MiB), and the apply runs on two threads */
-    const uint64_t n_pages = 4096, n = (9u << 20) / ps;
+    /* 39 MiB: above SC_STREAM_MIN_BYTES (4 MiB), the apply runs on two threads, and the
+     * preserving copies fill more than two 16 MiB batches (the copier thread runs) */
+    const uint64_t n_pages = 12288, n = 10000;
     sc_store *s = NULL, *r = NULL;
     CHECK_ST(sc_store_open(NULL, n_pages * ps, ps, &s), SC_OK);
     CHECK_ST(sc_store_open(NULL, n_pages * ps, ps, &r), SC_OK);

@@ -1,6 +1,17 @@
 /* What the CPU offers, checked once: AVX-512 paths (page checksums, streaming copies) are
  * chosen at run time, so one build runs on any x86-64. */
+#include <sched.h>
+#include <unistd.h>
+
 #include "internal.h"
+
+int sc__usable_cpus(void) {
+    /* The CPUs this process may run on (taskset, cpusets), not all the machine has. */
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 bool sc__have_avx512(void) {

@@ -151,7 +151,7 @@ sc_status sc__prepare_page(sc_store *s, uint64_t page, uint64_t new_version);
 /* prep_copier.c: a helper thread that copies a batch's preserved pages while the writer
  * prepares the next batch; the writer helps finish each batch before publishing it. */
 typedef struct sc_copier sc_copier;
-sc_copier *sc__copier_start(sc_store *s); /* NULL: no thread (one core, or it failed) */
+sc_copier *sc__copier_start(sc_store *s); /* NULL: no thread (not 2 CPUs, or it failed) */
 void sc__copier_submit(sc_copier *c, const sc_node *nodes, uint64_t n);
 void sc__copier_finish(sc_copier *c);     /* returns once every page of the batch is copied */
 void sc__copier_stop(sc_copier *c);
@@ -166,6 +166,7 @@ typedef struct sc_prep {
     uint64_t *flight_versions;
     uint64_t flight_n;
     sc_copier *copier;
+    bool copier_tried;       /* one attempt per prepare: buffers and thread, or neither */
 } sc_prep;
 
 void sc__prep_init(sc_prep *b, sc_store *s);
@@ -186,6 +187,7 @@ void sc__page_checksums_at(const uint8_t *const *p, uint64_t n, uint64_t len, ui
 
 /* cpu.c */
 bool sc__have_avx512(void); /* AVX-512 F and DQ, checked once */
+int sc__usable_cpus(void);  /* CPUs this process may run on */
 
 /* stream_copy.c: whole-page copies that bypass the cache, for bulk writes of pages
  * nobody reads soon. Fence before a run (new stamps visible before new bytes) and after. */
@@ -208,6 +210,7 @@ void sc__pool_destroy(sc_pool *p);
  * which snapshot readers may use it). */
 sc_node sc__node_new(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp);
 uint8_t *sc__node_content(sc_store *s, sc_node n);
+void sc__node_fill(sc_store *s, sc_node n); /* copy its page's live content into it */
 void sc__node_publish(sc_store *s, sc_node n);
 /* Content and version of `page` as of the snapshot with sequence `seq`; chain_lock held. */
 sc_status sc__read_page_as_of(sc_store *s, uint64_t seq, uint64_t page, uint8_t *dst,

@@ -15,7 +15,11 @@
  *
  * Ids map to chunks through a two-level directory whose parts never move, so snapshot
  * readers in other threads can follow ids while the writer adds chunks. Writer-side only
- * otherwise (allocation in the write path, freeing in release): no locking here. */
+ * otherwise (allocation in the write path, freeing in release): no locking here. The
+ * write path's copier thread (prep_copier.c) also reads, for nodes of its batch, the
+ * directory, the chunk's base and page[i]: none of these change while the node is live
+ * (page[i] is set by sc__node_new before the hand-off), and a node not yet published is
+ * in no snapshot's owned list, so no release can free it under the copier. */
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>

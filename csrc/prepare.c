@@ -71,14 +71,7 @@ typedef struct {
 
 static int copy_range(void *ctx, uint64_t begin, uint64_t end) {
     copy_job *j = ctx;
-    sc_store *s = j->s;
-    const sc_pool *p = &s->pool;
-    for (uint64_t k = begin; k < end; k++) {
-        sc_chunk *c = sc__chunk_of(p, j->nodes[k]);
-        uint32_t i = sc__slot_of(p, j->nodes[k]);
-        memcpy(sc__node_data(c, p, i), s->data + ((uint64_t)c->page[i] << s->page_shift),
-               s->page_size);
-    }
+    for (uint64_t k = begin; k < end; k++) sc__node_fill(j->s, j->nodes[k]);
     return SC_OK;
 }
 
@@ -110,17 +103,30 @@ static void finish_flight(sc_prep *b) {
     b->flight_n = 0;
 }
 
-/* A full batch goes to the copier, and the writer fills the other one meanwhile; without
- * a copier (one core, or no memory for a second batch) it is flushed in place. The batch
- * before it is published only once the copier has the new one, so that neither thread
- * waits for the other's serial work. */
-static void hand_off(sc_prep *b) {
-    if (!b->copier && !b->flight_nodes) {
-        b->flight_nodes = malloc(b->cap * sizeof *b->flight_nodes);
-        b->flight_versions = malloc(b->cap * sizeof *b->flight_versions);
-        if (b->flight_nodes && b->flight_versions) b->copier = sc__copier_start(b->s);
+/* The second batch buffers and the copier thread, both or neither, tried once. */
+static bool start_copier(sc_prep *b) {
+    if (b->copier_tried) return b->copier != NULL;
+    b->copier_tried = true;
+    sc_node *nodes = malloc(b->cap * sizeof *nodes);
+    uint64_t *versions = malloc(b->cap * sizeof *versions);
+    sc_copier *c = nodes && versions ? sc__copier_start(b->s) : NULL;
+    if (!c) {
+        free(nodes);
+        free(versions);
+        return false;
     }
-    if (!b->copier) {
+    b->flight_nodes = nodes;
+    b->flight_versions = versions;
+    b->copier = c;
+    return true;
+}
+
+/* A full batch (or the last one) goes to the copier, and the writer fills the other
+ * buffer meanwhile; without a copier it is copied and published in place. The batch
+ * before it is published only once the copier has the new one, so that neither thread
+ * waits through the other's serial work. */
+static void hand_off(sc_prep *b) {
+    if (!start_copier(b)) {
         flush(b);
         return;
     }
@@ -162,25 +168,21 @@ sc_status sc__prep_page(sc_prep *b, uint64_t p, uint64_t new_version) {
     uint64_t stamp = atomic_load_explicit(&s->stamps[p], memory_order_relaxed);
     uint64_t v = atomic_load_explicit(&s->versions[p], memory_order_relaxed);
     if (stamp == seq && v == new_version) return SC_OK;
+    /* Queued already: its copy and restamp are pending, and nothing may restamp it before
+     * its node is published. Callers give a page one version per batch (the open epoch,
+     * or a delta's distinct ids), so there is nothing to add. */
+    if (s->queued && (s->queued[p >> 6] & (1ull << (p & 63)))) return SC_OK;
     if (!needs_preserving(s, stamp, seq, v)) {
         restamp(s, p, seq, new_version);
         return SC_OK;
     }
-    /* Queued already: its copy and restamp are pending. Callers give a page one version
-     * per batch (the open epoch, or a delta's distinct ids), so there is nothing to add. */
-    if (s->queued[p >> 6] & (1ull << (p & 63))) return SC_OK;
     return queue(b, p, v, stamp, new_version);
 }
 
 sc_status sc__prep_finish(sc_prep *b) {
     if (b->copier) {
+        if (b->n) hand_off(b);
         finish_flight(b);
-        if (b->n) {
-            sc__copier_submit(b->copier, b->nodes, b->n);
-            sc__copier_finish(b->copier);
-            publish(b->s, b->nodes, b->new_versions, b->n);
-            b->n = 0;
-        }
         sc__copier_stop(b->copier);
     } else {
         flush(b);

@@ -643,6 +643,86 @@ static void test_stream_copy_impls(void) {
     free(dst);
 }
 
+/* Whole-store write_pages in random order, each round under a fresh snapshot (up to three
+ * live, the oldest released each round so pool slots are reused), while two threads read
+ * random pages of the live snapshots and check every word: the copier thread's copies
+ * (prep_copier.c) must be complete and visible before a node is published. */
+#define PIPE_PAGES 12288u
+#define PIPE_LIVE 3
+
+typedef struct {
+    sc_store *s;
+    _Atomic uint64_t epoch[PIPE_LIVE], round[PIPE_LIVE];
+    _Atomic int stop;
+    _Atomic long bad, reads;
+} pipe_ctx;
+
+static void pipe_fill(uint64_t *w, uint64_t round, uint64_t page, uint32_t ps) {
+    for (uint32_t i = 0; i < ps / 8; i++) w[i] = (round << 40) | (page << 12) | i;
+}
+
+static void *pipe_reader(void *arg) {
+    pipe_ctx *c = arg;
+    const uint32_t ps = 4096;
+    uint64_t ids[16], rng = (uintptr_t)ids; /* each thread its own sequence */
+    uint64_t *buf = xmalloc(16 * ps), *want = xmalloc(ps);
+    while (!atomic_load(&c->stop)) {
+        int k = (int)(rng_next(&rng) % PIPE_LIVE);
+        uint64_t ep = atomic_load(&c->epoch[k]), round = atomic_load(&c->round[k]);
+        if (!ep) continue;
+        for (int i = 0; i < 16; i++) ids[i] = rng_next(&rng) % PIPE_PAGES;
+        sc_status st = sc_snapshot_read_pages(c->s, ep, ids, 16, buf, NULL);
+        if (st == SC_ENOSNAP || atomic_load(&c->epoch[k]) != ep) continue; /* released */
+        if (st) { atomic_fetch_add(&c->bad, 1); continue; }
+        for (int i = 0; i < 16; i++) {
+            pipe_fill(want, round, ids[i], ps);
+            if (memcmp(want, buf + i * (ps / 8), ps) != 0) atomic_fetch_add(&c->bad, 1);
+        }
+        atomic_fetch_add(&c->reads, 1);
+    }
+    free(buf);
+    free(want);
+    return NULL;
+}
+
+static void test_pipelined_write_readers(void) {
+    const uint32_t ps = 4096;
+    static pipe_ctx c;
+    memset(&c, 0, sizeof c);
+    CHECK_ST(sc_store_open(NULL, (uint64_t)PIPE_PAGES * ps, ps, &c.s), SC_OK);
+    REQUIRE(c.s);
+    uint64_t *src = xmalloc((uint64_t)PIPE_PAGES * ps), *ids = xmalloc(PIPE_PAGES * 8);
+    for (uint64_t p = 0; p < PIPE_PAGES; p++) pipe_fill(src + p * (ps / 8), 0, p, ps);
+    CHECK_ST(sc_store_write(c.s, 0, src, (uint64_t)PIPE_PAGES * ps), SC_OK);
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++) REQUIRE(pthread_create(&t[i], NULL, pipe_reader, &c) == 0);
+    for (uint64_t r = 0; r < 8; r++) {
+        int k = (int)(r % PIPE_LIVE);
+        uint64_t old = atomic_load(&c.epoch[k]), e;
+        atomic_store(&c.epoch[k], 0);
+        if (old) CHECK_ST(sc_snapshot_release(c.s, old), SC_OK);
+        CHECK_ST(sc_snapshot_take(c.s, &e), SC_OK);
+        atomic_store(&c.round[k], r);
+        atomic_store(&c.epoch[k], e);
+        for (uint64_t i = 0; i < PIPE_PAGES; i++) ids[i] = i;
+        for (uint64_t i = PIPE_PAGES - 1; i > 0; i--) {
+            uint64_t j = rnd_below(i + 1), x = ids[i];
+            ids[i] = ids[j];
+            ids[j] = x;
+        }
+        for (uint64_t i = 0; i < PIPE_PAGES; i++)
+            pipe_fill(src + i * (ps / 8), r + 1, ids[i], ps);
+        CHECK_ST(sc_store_write_pages(c.s, ids, PIPE_PAGES, src), SC_OK);
+    }
+    atomic_store(&c.stop, 1);
+    for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
+    CHECK_EQ_U64((uint64_t)atomic_load(&c.bad), 0);
+    CHECK(atomic_load(&c.reads) > 0);
+    free(src);
+    free(ids);
+    sc_store_close(c.s);
+}
+
 static void test_snapshot_basic(void) {
     model m;
     if (model_open(&m, 32, 512)) return;
@@ -1743,6 +1823,7 @@ static const test_case tests[] = {
     {"write_pages", test_write_pages},
     {"streamed_writes", test_streamed_writes},
     {"stream_copy_impls", test_stream_copy_impls},
+    {"pipelined_write_readers", test_pipelined_write_readers},
     {"snapshot_basic", test_snapshot_basic},
     {"snapshot_release_orders", test_snapshot_release_orders},
     {"changed_pages", test_changed_pages},

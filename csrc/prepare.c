@@ -3,9 +3,10 @@
  * (after sc_store_publish) may the caller modify the bytes.
  *
  * Vectorized writes prepare many pages at once. With a live snapshot most of their time is
- * the preserving copies, so a batch queues the pages that need one, copies them with a
- * few threads together, and only then publishes each node and restamps its page: the
- * order above still holds page by page. */
+ * the preserving copies, so a batch queues the pages that need one, copies them (a few
+ * threads together, or, once a write fills a batch, the copier thread of prep_copier.c
+ * while the writer fills the next), and only then publishes each node and restamps its
+ * page: the order above still holds page by page. */
 #include <stdlib.h>
 #include <string.h>
 

@@ -354,16 +354,23 @@ def _random_numpy(scale: Scale) -> Iterator[Case]:
         free_memory()
 
 
-@case("random.numpy_copy")
-def _random_numpy_copy(scale: Scale) -> Iterator[Case]:
-    # The work a snapshot cannot avoid, done by numpy: copy each touched page once into
-    # memory that is already mapped, then write. Scale-independent yardstick for the
-    # first pass under a live snapshot.
+def _touched_pages(scale: Scale) -> tuple:
+    """An ndarray of the random-write state, the writes, its pages as rows, the pages the
+    writes touch, and mapped room for one copy of each: the copy baselines' setup."""
     nd = touched_ndarray(scale.random_store)
     idx, vals = _random_writes(scale)
     pages = nd.view(np.uint8).reshape(-1, PAGE)
     touched = np.unique(idx * 8 // PAGE).astype(np.intp)
     saved = touched_ndarray(len(touched) * PAGE, np.uint8).reshape(-1, PAGE)
+    return nd, idx, vals, pages, touched, saved
+
+
+@case("random.numpy_copy")
+def _random_numpy_copy(scale: Scale) -> Iterator[Case]:
+    # The work a snapshot cannot avoid, done by numpy: copy each touched page once into
+    # memory that is already mapped, then write. Scale-independent yardstick for the
+    # first pass under a live snapshot.
+    nd, idx, vals, pages, touched, saved = _touched_pages(scale)
 
     def run() -> None:
         np.take(pages, touched, axis=0, out=saved, mode="clip")  # "raise" buffers
@@ -382,11 +389,7 @@ def _random_copy_floor(scale: Scale) -> Iterator[Case]:
     # once), on two threads like statecore's, with no writes and no bookkeeping: the
     # floor under the "live snapshot vs without" ratio on this machine.
     from concurrent.futures import ThreadPoolExecutor
-    nd = touched_ndarray(scale.random_store)
-    idx, _ = _random_writes(scale)
-    pages = nd.view(np.uint8).reshape(-1, PAGE)
-    touched = np.unique(idx * 8 // PAGE).astype(np.intp)
-    saved = touched_ndarray(len(touched) * PAGE, np.uint8).reshape(-1, PAGE)
+    nd, _, _, pages, touched, saved = _touched_pages(scale)
     half = len(touched) // 2
     halves = [slice(0, half), slice(half, len(touched))]
     pool = ThreadPoolExecutor(2)

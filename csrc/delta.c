@@ -283,12 +283,6 @@ typedef struct {
     bool stream; /* large: bypass the cache (stream_copy.c) */
 } scatter_job;
 
-static void copy_page(const scatter_job *j, uint64_t i) {
-    uint8_t *dst = j->s->data + (j->ids[i] << j->s->page_shift);
-    if (j->stream) sc__stream_page(dst, j->sources[i], j->s->page_size);
-    else memcpy(dst, j->sources[i], j->s->page_size);
-}
-
 static int scatter_range(void *ctx, uint64_t begin, uint64_t end) {
     scatter_job *j = ctx;
     /* The restamps before the bytes: pthread_create already orders the writer's restamps
@@ -297,7 +291,9 @@ static int scatter_range(void *ctx, uint64_t begin, uint64_t end) {
     if (j->stream) sc__stream_fence();
     for (uint64_t i = begin; i < end;) {
         uint64_t start = i, stop = end - i > 256 ? i + 256 : end;
-        for (; i < stop; i++) copy_page(j, i);
+        for (; i < stop; i++)
+            sc__copy_page(j->stream, j->s->data + (j->ids[i] << j->s->page_shift),
+                          j->sources[i], j->s->page_size);
         if (j->progress) /* every 256 pages: cheap, and often enough for a progress bar */
             atomic_fetch_add_explicit(&j->progress->done, (stop - start) << j->s->page_shift,
                                       memory_order_relaxed);
@@ -329,7 +325,8 @@ sc_status sc__write_pages_from(sc_store *s, const uint64_t *ids, const uint64_t 
         return st;
     }
     if (progress) atomic_store(&progress->total, n << s->page_shift);
-    scatter_job job = {s, ids, sources, progress, (n << s->page_shift) >= SC_STREAM_MIN_BYTES};
+    bool stream = (n << s->page_shift) >= SC_STREAM_MIN_BYTES;
+    scatter_job job = {s, ids, sources, progress, stream};
     sc__parallel_for(n, sc__threads_for(n << s->page_shift, threads), scatter_range, &job);
     atomic_fetch_add_explicit(&s->pages_applied, n, memory_order_relaxed);
     return SC_OK;

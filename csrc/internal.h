@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <string.h>
 
 #include "statecore.h"
 
@@ -197,6 +198,10 @@ void sc__stream_fence(void);
 void sc__stream_page(uint8_t *dst, const uint8_t *src, uint64_t len); /* the best one here */
 /* A given implementation (falls back to SSE2 without AVX-512): for the C tests. */
 void sc__stream_page_using(sc_copy_impl impl, uint8_t *dst, const uint8_t *src, uint64_t len);
+static inline void sc__copy_page(bool stream, uint8_t *dst, const uint8_t *src, uint64_t len) {
+    if (stream) sc__stream_page(dst, src, len);
+    else memcpy(dst, src, len);
+}
 
 /* pool.c */
 void sc__pool_init(sc_pool *p, uint32_t page_size);

@@ -357,16 +357,12 @@ sc_status sc_store_write_pages(sc_store *s, const uint64_t *ids, uint64_t n, con
     sc_status st = sc_store_touch_pages(s, ids, n);
     if (st) return st;
     const uint8_t *in = src;
-    if ((n << s->page_shift) < SC_STREAM_MIN_BYTES) {
-        for (uint64_t i = 0; i < n; i++)
-            memcpy(s->data + (ids[i] << s->page_shift), in + (i << s->page_shift), s->page_size);
-        return SC_OK;
-    }
-    sc__stream_fence();
+    bool stream = (n << s->page_shift) >= SC_STREAM_MIN_BYTES;
+    if (stream) sc__stream_fence();
     for (uint64_t i = 0; i < n; i++)
-        sc__stream_page(s->data + (ids[i] << s->page_shift), in + (i << s->page_shift),
-                        s->page_size);
-    sc__stream_fence();
+        sc__copy_page(stream, s->data + (ids[i] << s->page_shift), in + (i << s->page_shift),
+                      s->page_size);
+    if (stream) sc__stream_fence();
     return SC_OK;
 }
 

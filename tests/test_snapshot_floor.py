@@ -34,6 +34,10 @@ def store_with_versions(n: int = N) -> "tuple[sc.Store, np.ndarray]":
     return store, versions
 
 
+def rewrite_every_page(store: sc.Store, fill: int) -> None:
+    store.write_pages(np.arange(N, dtype=np.uint64), np.full(N * PS, fill, dtype=np.uint8))
+
+
 def assert_kept(snap: sc.Snapshot, expected: bytes, pages) -> None:
     """Each of these pages reads from the snapshot as `expected` (the state it was taken of)."""
     for p in pages:
@@ -46,7 +50,7 @@ def test_writes_skip_copies_at_or_below_the_floor_and_keep_those_above():
     expected = bytes(store.read(0, store.size))
     assert snap._set_floor(4)
     before = store.stats()["pages_preserved_total"]
-    store.write_pages(np.arange(N, dtype=np.uint64), np.full(N * PS, 0xEE, dtype=np.uint8))
+    rewrite_every_page(store, 0xEE)
     preserved = store.stats()["pages_preserved_total"] - before
     assert preserved == int((versions > 4).sum())
     # What the floor promises to read is intact, through reads and through a delta.
@@ -68,12 +72,12 @@ def test_a_snapshot_without_a_floor_keeps_every_page():
     assert floored._set_floor(8)
     whole = store.snapshot()  # floor 0: reads every page
     expected = bytes(store.read(0, store.size))
-    store.write_pages(np.arange(N, dtype=np.uint64), np.full(N * PS, 0xEE, dtype=np.uint8))
+    rewrite_every_page(store, 0xEE)
     assert whole.read(0, store.size) == expected
     whole.release()
     # Released: only the floored snapshot is left, so old pages are no longer copied.
     before = store.stats()["pages_preserved_total"]
-    store.write_pages(np.arange(N, dtype=np.uint64), np.full(N * PS, 0xEF, dtype=np.uint8))
+    rewrite_every_page(store, 0xEF)
     assert store.stats()["pages_preserved_total"] == before
     floored.release()
     store.close()
@@ -88,7 +92,7 @@ def test_lowering_applies_while_no_copy_was_skipped_and_is_refused_after():
     store.write(0, page(0x11))  # page 0 has version 1 <= 3: its copy is skipped
     assert not snap._set_floor(0)
     # The refused floor stays 3: pages above it are still kept.
-    store.write_pages(np.arange(N, dtype=np.uint64), np.full(N * PS, 0xEE, dtype=np.uint8))
+    rewrite_every_page(store, 0xEE)
     assert_kept(snap, expected, np.flatnonzero(versions > 3))
     snap.release()
     store.close()

@@ -215,7 +215,9 @@ void sc__pool_destroy(sc_pool *p);
  * which snapshot readers may use it). */
 sc_node sc__node_new(sc_store *s, uint64_t page, uint64_t version, uint64_t stamp);
 uint8_t *sc__node_content(sc_store *s, sc_node n);
-void sc__node_fill(sc_store *s, sc_node n); /* copy its page's live content into it */
+/* Copy its page's live content into it; `stream`: with streaming stores, after which the
+ * caller fences (sc__stream_fence) before anyone is told the copy is done. */
+void sc__node_fill(sc_store *s, sc_node n, bool stream);
 void sc__node_publish(sc_store *s, sc_node n);
 /* Content and version of `page` as of the snapshot with sequence `seq`; chain_lock held. */
 sc_status sc__read_page_as_of(sc_store *s, uint64_t seq, uint64_t page, uint8_t *dst,

@@ -68,11 +68,13 @@ void sc__prep_init(sc_prep *b, sc_store *s) {
 typedef struct {
     sc_store *s;
     const sc_node *nodes;
+    bool stream;
 } copy_job;
 
 static int copy_range(void *ctx, uint64_t begin, uint64_t end) {
     copy_job *j = ctx;
-    for (uint64_t k = begin; k < end; k++) sc__node_fill(j->s, j->nodes[k]);
+    for (uint64_t k = begin; k < end; k++) sc__node_fill(j->s, j->nodes[k], j->stream);
+    if (j->stream) sc__stream_fence(); /* the copies visible before the join says done */
     return SC_OK;
 }
 
@@ -91,7 +93,7 @@ static void publish(sc_store *s, const sc_node *nodes, const uint64_t *new_versi
 static void flush(sc_prep *b) {
     sc_store *s = b->s;
     if (!b->n) return;
-    copy_job job = {s, b->nodes};
+    copy_job job = {s, b->nodes, (b->n << s->page_shift) >= SC_STREAM_MIN_BYTES};
     sc__parallel_for(b->n, sc__threads_for(b->n << s->page_shift, 0), copy_range, &job);
     publish(s, b->nodes, b->new_versions, b->n);
     b->n = 0;

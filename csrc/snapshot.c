@@ -135,12 +135,12 @@ uint8_t *sc__node_content(sc_store *s, sc_node n) {
     return sc__node_data(sc__chunk_of(&s->pool, n), &s->pool, sc__slot_of(&s->pool, n));
 }
 
-void sc__node_fill(sc_store *s, sc_node n) {
+void sc__node_fill(sc_store *s, sc_node n, bool stream) {
     const sc_pool *p = &s->pool;
     sc_chunk *c = sc__chunk_of(p, n);
     uint32_t i = sc__slot_of(p, n);
-    memcpy(sc__node_data(c, p, i), s->data + ((uint64_t)c->page[i] << s->page_shift),
-           s->page_size);
+    sc__copy_page(stream, sc__node_data(c, p, i),
+                  s->data + ((uint64_t)c->page[i] << s->page_shift), s->page_size);
 }
 
 void sc__node_publish(sc_store *s, sc_node n) {

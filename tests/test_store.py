@@ -229,24 +229,44 @@ ARRAY_1D_WRITES = [
     ("int array", np.array([0, 600, 4000, 8191]), np.array([1, 2, 3, 4])),
     ("int array with negatives", np.array([-1, -8192, -513, 20]), 21),
     ("int list", [3, 1, 4, 1, 5], 22),
+    ("int array with repeats: the last wins", np.array([7, 9, 7, 7]), np.array([1, 2, 3, 4])),
+    ("2-d int array", np.array([[1, 2], [8000, -5]]), np.array([[5, 6], [7, 8]])),
+    ("uint64 array", np.array([2, 4096], dtype=np.uint64), np.array([9, 10])),
     ("boolean mask", _mask(N64), 23),
     ("ellipsis", Ellipsis, 24),
     ("empty int array", np.array([], dtype=np.int64), 25),
 ]
 
 
-@pytest.mark.parametrize("key,value", [c[1:] for c in ARRAY_1D_WRITES],
-                         ids=[c[0] for c in ARRAY_1D_WRITES])
-def test_state_array_1d_setitem(store, key, value):
-    model = filled(store)
-    arr, ref = store.array("int64"), model.array("int64")
-    assert arr.shape == ref.shape == (N64,)
+def _setitem_both_ways(store, model, arr, ref, key, value, live_snapshot):
+    """arr[key] = value under a live snapshot (pages prepared, then written) or with none
+    (integer rows are prepared and written in one pass): the same bytes and versions as
+    the model either way, and the snapshot keeps what it saw."""
+    if not live_snapshot:
+        before = store.epoch - 1
+        arr[key] = value
+        ref[key] = value
+        assert np.array_equal(np.asarray(arr), ref.to_numpy())
+        assert_same_state(store, model, {})
+        # exactly the pages written get the open epoch's version
+        assert store.changed_pages(before).tolist() == model.changed_pages(before).tolist()
+        return
     with store.snapshot() as snap:
         model_snap = model.snapshot()
         arr[key] = value
         ref[key] = value
-        assert np.array_equal(arr[:], ref.to_numpy())
+        assert np.array_equal(np.asarray(arr), ref.to_numpy())
         assert_same_state(store, model, {model_snap: snap})
+
+
+@pytest.mark.parametrize("live_snapshot", [True, False], ids=["snapshot", "no-snapshot"])
+@pytest.mark.parametrize("key,value", [c[1:] for c in ARRAY_1D_WRITES],
+                         ids=[c[0] for c in ARRAY_1D_WRITES])
+def test_state_array_1d_setitem(store, key, value, live_snapshot):
+    model = filled(store)
+    arr, ref = store.array("int64"), model.array("int64")
+    assert arr.shape == ref.shape == (N64,)
+    _setitem_both_ways(store, model, arr, ref, key, value, live_snapshot)
 
 
 ARRAY_2D_WRITES = [
@@ -258,6 +278,8 @@ ARRAY_2D_WRITES = [
     ("strided block", (slice(None, None, 3), slice(None, None, -50)), 12),
     ("rows int array", np.array([1, -1, 8]), 13),
     ("rows list broadcast row", [0, 2], np.arange(512)),
+    ("rows broadcast column", np.array([4, 5]), np.array([[1], [2]])),
+    ("rows 2-d index", np.array([[0, 15], [7, 0]]), np.arange(512)),
     ("rows boolean mask", np.arange(16) % 3 == 0, 14),
     ("fancy every axis", (np.array([0, 3, 15, -1]), np.array([0, 511, 7, -3])), 15),
     ("fancy every axis broadcast", (np.array([[1], [9]]), np.array([2, 300, 4])), 16),
@@ -265,17 +287,13 @@ ARRAY_2D_WRITES = [
 ]
 
 
+@pytest.mark.parametrize("live_snapshot", [True, False], ids=["snapshot", "no-snapshot"])
 @pytest.mark.parametrize("key,value", [c[1:] for c in ARRAY_2D_WRITES],
                          ids=[c[0] for c in ARRAY_2D_WRITES])
-def test_state_array_2d_setitem(store, key, value):
+def test_state_array_2d_setitem(store, key, value, live_snapshot):
     model = filled(store)
     arr, ref = store.array("int64", shape=(16, 512)), model.array("int64", shape=(16, 512))
-    with store.snapshot() as snap:
-        model_snap = model.snapshot()
-        arr[key] = value
-        ref[key] = value
-        assert np.array_equal(np.asarray(arr), ref.to_numpy())
-        assert_same_state(store, model, {model_snap: snap})
+    _setitem_both_ways(store, model, arr, ref, key, value, live_snapshot)
 
 
 def test_state_array_rows_with_column_slice_writes_and_tracks_the_rows(store):

@@ -42,6 +42,9 @@ cdef extern from "statecore.h" nogil:
     sc_status sc_store_touch_range(sc_store *s, uint64_t offset, uint64_t length)
     sc_status sc_store_touch_rows(sc_store *s, const int64_t *idx, uint64_t n, uint64_t n_rows,
                                   uint64_t base, uint64_t row_bytes, uint64_t *bad)
+    sc_status sc_store_write_rows(sc_store *s, const int64_t *idx, uint64_t n, uint64_t n_rows,
+                                  uint64_t base, uint64_t row_bytes, const void *src,
+                                  uint64_t src_stride, uint64_t *bad)
     sc_status sc_store_read(const sc_store *s, uint64_t offset, void *dst, uint64_t length)
 
     sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out)

@@ -503,6 +503,30 @@ cdef class StoreCore:
         finally:
             self._leave()
 
+    def _write_rows(self, const int64_t[::1] idx not None, uint64_t n_rows, uint64_t base,
+                    uint64_t row_bytes, const uint8_t[::1] src not None, uint64_t src_stride):
+        """Rows idx of an array take src's rows (src_stride bytes apart, 0: one row for all),
+        in order; IndexError names a bad index, and then nothing is written."""
+        cdef sc_status st
+        cdef uint64_t n = idx.shape[0], bad = 0
+        if n == 0:
+            return
+        if <uint64_t>src.shape[0] < row_bytes or (src_stride and
+                (src_stride != row_bytes or <uint64_t>src.shape[0] != n * row_bytes)):
+            raise ValueError(f"src holds {src.shape[0]} bytes: expected {n} rows of "
+                             f"{row_bytes} bytes, or one row with src_stride 0")
+        self._enter()
+        try:
+            with nogil:
+                st = sc_store_write_rows(self._s, &idx[0], n, n_rows, base, row_bytes, &src[0],
+                                         src_stride, &bad)
+            if st == SC_ERANGE:
+                raise IndexError(f"index {idx[bad]} is out of bounds for axis 0 with size "
+                                 f"{n_rows}: indices must be in [{-<int64_t>n_rows}, {n_rows - 1}]")
+            check(st, "write rows")
+        finally:
+            self._leave()
+
     def _touch_range(self, uint64_t offset, uint64_t length):
         cdef sc_status st
         self._enter()

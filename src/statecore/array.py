@@ -129,10 +129,14 @@ class StateArray:
             if np.broadcast_shapes(values.shape, target) != target:
                 raise ValueError(f"cannot assign values of shape {values.shape} to a "
                                  f"selection of shape {target}")
+            whole_rows = isinstance(pages, tuple) and not isinstance(key, tuple)
             store._begin_write()
             try:
-                self._touch(pages, span)
-                view[key] = values
+                if whole_rows:
+                    self._write_rows(pages[1], values, target)
+                else:
+                    self._touch(pages, span)
+                    view[key] = values
             finally:
                 store._write_lock.release()
         except BaseException as e:
@@ -164,6 +168,22 @@ class StateArray:
             del view, region
             _unpin_export(e)
             raise
+
+    def _write_rows(self, rows: np.ndarray, values: np.ndarray, target: tuple) -> None:
+        """arr[rows] = values for whole rows: the core prepares each row's pages and writes
+        the row in one pass (numpy would walk the scattered pages a second time)."""
+        if not rows.size:
+            return
+        row_bytes = self.nbytes // self.shape[0] if self.shape[0] else self.dtype.itemsize
+        full = np.broadcast_to(values, target)
+        lead = len(target) - (len(self.shape) - 1)  # the index's own dimensions
+        if lead and not any(full.strides[:lead]):
+            # One row for every index (a scalar, or a single row): not materialized n times.
+            src, stride = np.ascontiguousarray(full[(0,) * lead]), 0
+        else:
+            src, stride = np.ascontiguousarray(full), row_bytes
+        self._store._write_rows(rows, self.shape[0], self.offset, row_bytes,
+                                src.reshape(-1).view(np.uint8), stride)
 
     def _touch(self, pages: Any, span: Optional[tuple[int, int]]) -> None:
         if span is not None:

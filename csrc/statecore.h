@@ -80,8 +80,9 @@ void sc_store_publish(sc_store *s); /* release fence between touch and modificat
 sc_status sc_store_touch_rows(sc_store *s, const int64_t *idx, uint64_t n, uint64_t n_rows,
                               uint64_t base, uint64_t row_bytes, uint64_t *bad);
 /* Rows idx of that array take the rows of src (src_stride bytes apart; 0 repeats one row),
- * in index order, so a repeated index ends with its last row, as in numpy. Indices are
- * checked as above, and on any error nothing was written. */
+ * in index order, so a repeated index ends with its last row, as in numpy. src must not
+ * overlap the rows. Indices are checked as above; on any error no byte was written (after
+ * SC_ENOMEM some pages may have been prepared, as with sc_store_touch_rows). */
 sc_status sc_store_write_rows(sc_store *s, const int64_t *idx, uint64_t n, uint64_t n_rows,
                               uint64_t base, uint64_t row_bytes, const void *src,
                               uint64_t src_stride, uint64_t *bad);

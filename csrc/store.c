@@ -386,7 +386,7 @@ static void write_rows_fused(sc_store *s, const int64_t *idx, uint64_t n, int64_
             last_page = p;
             touched++;
         }
-        sc_store_publish(s); /* the new stamps before the new bytes (snapshot readers) */
+        sc_store_publish(s); /* the new stamps before the new bytes, as on every path */
         copy_row(s->data + start, src + i * src_stride, row_bytes);
     }
     sc__prep_finish(&b);

@@ -1,16 +1,18 @@
 /* Whole-page copies into the store that bypass the cache (non-temporal stores).
  *
- * A bulk write or an applied delta fills pages nobody reads soon. Through the cache, each
- * destination line is first read from memory (to own it) and later written back: two
- * memory transfers per line, and the bulk evicts whatever the program had cached. Streaming
- * stores write the line once. On this project's machine a 4 KiB page copy from a hot
- * source into a cold store went from 7-8.5 GB/s to 13-16 GB/s (SSE2 stores: 13 GB/s).
+ * A bulk write, an applied delta or a large write's preserving copies fill pages nobody
+ * reads soon. Through the cache, each destination line is first read from memory (to own
+ * it) and later written back: two memory transfers per line, and the bulk evicts whatever
+ * the program had cached. Streaming stores write the line once. On this project's machine
+ * a 4 KiB page copy from a hot source into a cold store went from 7-8.5 GB/s to 13-16 GB/s
+ * (SSE2 stores: 13 GB/s).
  *
  * Streaming stores are weakly ordered: they may become visible before earlier ordinary
  * stores. A page's new stamp must be visible before its new bytes (a snapshot reader
- * re-checks the stamp after copying a live page), so a run of streaming copies starts
- * with a store fence, and ends with one so that whoever the caller tells next sees the
- * bytes. */
+ * re-checks the stamp after copying a live page), so a run of streaming copies into live
+ * pages starts with a store fence; every run ends with one so that whoever the caller
+ * tells next sees the bytes. (Preserving copies need no leading fence: their nodes are
+ * published only after.) */
 #include <string.h>
 
 #include "internal.h"

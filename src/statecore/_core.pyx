@@ -511,8 +511,11 @@ cdef class StoreCore:
         cdef uint64_t n = idx.shape[0], bad = 0
         if n == 0:
             return
-        if <uint64_t>src.shape[0] < row_bytes or (src_stride and
-                (src_stride != row_bytes or <uint64_t>src.shape[0] != n * row_bytes)):
+        if row_bytes == 0:
+            raise ValueError("row_bytes must be positive")
+        if <uint64_t>src.shape[0] < row_bytes or (src_stride and (
+                src_stride != row_bytes or <uint64_t>src.shape[0] // row_bytes != n
+                or <uint64_t>src.shape[0] % row_bytes)):
             raise ValueError(f"src holds {src.shape[0]} bytes: expected {n} rows of "
                              f"{row_bytes} bytes, or one row with src_stride 0")
         self._enter()

@@ -1,7 +1,8 @@
 """StateArray: a typed numpy view over a store whose writes go through the tracked path.
 
 A write first computes, vectorized, the pages the index touches; the core preserves them
-for live snapshots and records their versions; only then does numpy modify the bytes."""
+for live snapshots and records their versions; only then are the bytes modified (by numpy,
+or by the core itself for whole rows chosen by an integer index)."""
 from __future__ import annotations
 
 import traceback
@@ -133,7 +134,7 @@ class StateArray:
             store._begin_write()
             try:
                 if whole_rows:
-                    self._write_rows(pages[1], values, target)
+                    self._write_rows(pages[1], values, target, view)
                 else:
                     self._touch(pages, span)
                     view[key] = values
@@ -169,19 +170,28 @@ class StateArray:
             _unpin_export(e)
             raise
 
-    def _write_rows(self, rows: np.ndarray, values: np.ndarray, target: tuple) -> None:
-        """arr[rows] = values for whole rows: the core prepares each row's pages and writes
-        the row in one pass (numpy would walk the scattered pages a second time)."""
+    def _write_rows(self, rows: np.ndarray, values: np.ndarray, target: tuple,
+                    view: np.ndarray) -> None:
+        """arr[rows] = values for whole rows, done by the core: with no live snapshot it
+        prepares each row's pages and writes the row in one pass (numpy's scatter after a
+        separate pass would walk the scattered pages twice)."""
+        if not self.size:  # rows of no bytes (or no rows): only the indices to check
+            self._normalize(rows, self.shape[0], 0)
+            return
         if not rows.size:
             return
-        row_bytes = self.nbytes // self.shape[0] if self.shape[0] else self.dtype.itemsize
+        row_bytes = self.nbytes // self.shape[0]
         full = np.broadcast_to(values, target)
         lead = len(target) - (len(self.shape) - 1)  # the index's own dimensions
         if lead and not any(full.strides[:lead]):
             # One row for every index (a scalar, or a single row): not materialized n times.
-            src, stride = np.ascontiguousarray(full[(0,) * lead]), 0
+            # The Ellipsis keeps a 0-d array: a numpy scalar would be native byte order
+            # and drop the trailing NULs of S/U values.
+            src, stride = np.ascontiguousarray(full[(0,) * lead + (Ellipsis,)]), 0
         else:
             src, stride = np.ascontiguousarray(full), row_bytes
+        if np.may_share_memory(src, view):
+            src = src.copy()  # values read from the store itself: as numpy, copy them first
         self._store._write_rows(rows, self.shape[0], self.offset, row_bytes,
                                 src.reshape(-1).view(np.uint8), stride)
 

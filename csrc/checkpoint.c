@@ -2,8 +2,10 @@
  * straight from a live snapshot while writers continue. */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -25,11 +27,13 @@ static sc_status pwrite_all(int fd, const void *buf, uint64_t len, uint64_t off)
 }
 
 /* Saving reads pages live, without copying them first: the checksum is computed from the
- * store's memory and pwrite copies straight from it. A page whose stamp says the snapshot
- * must not read it live, or whose stamp moved while we read it (seqlock, as in
- * snapshot.c), is redone from its preserved copy. Only that fallback walks a chain, so
- * only it takes the chain lock; the live path needs none because the caller holds the
- * snapshot for the whole save (and a release under us is caught by the fallback). */
+ * store's memory and pwritev copies straight from it. A page whose stamp already says the
+ * snapshot must not read it live is copied from its preserved node into a staging buffer
+ * (the whole batch's such pages under one hold of the chain lock, which is never held
+ * across I/O: snapshot() takes it) and written from there in the same pwritev. A page
+ * whose stamp moved while we read it (seqlock, as in snapshot.c) is redone on its own.
+ * The live path needs no lock because the caller holds the snapshot for the whole save
+ * (and a release under us is caught by the fallbacks). */
 typedef struct {
     sc_store *s;
     uint64_t seq;
@@ -69,17 +73,86 @@ static void start_writeback(int fd, uint64_t off, uint64_t len) {
 #endif
 }
 
-static sc_status write_runs(sc_store *s, int fd, const uint64_t *ids, uint64_t m,
-                            uint64_t file_off) {
-    for (uint64_t a = 0; a < m;) {
-        uint64_t b = a + 1;
-        while (b < m && ids[b] == ids[b - 1] + 1) b++; /* contiguous in the store: one write */
-        sc_status st = pwrite_all(fd, s->data + (ids[a] << s->page_shift),
-                                  (b - a) << s->page_shift, file_off + (a << s->page_shift));
-        if (st) return st;
-        a = b;
+/* The batch's pages that the snapshot reads from preserved nodes, copied into `staging`
+ * in batch order, then checksummed there. */
+static sc_status stage_preserved(sc_store *s, uint64_t seq, const uint64_t *ids, uint64_t m,
+                                 const uint64_t *stamps, uint8_t *staging, uint64_t *sums) {
+    sc_status st = SC_OK;
+    uint64_t n = 0;
+    pthread_rwlock_rdlock(&s->chain_lock);
+    for (uint64_t k = 0; k < m && st == SC_OK; k++)
+        if (stamps[k] > seq)
+            st = sc__read_page_as_of(s, seq, ids[k], staging + (n++ << s->page_shift), NULL);
+    pthread_rwlock_unlock(&s->chain_lock);
+    const uint8_t *staged[SC_CHECKSUM_BATCH];
+    uint64_t at[SC_CHECKSUM_BATCH], got[SC_CHECKSUM_BATCH], q = 0;
+    n = 0;
+    for (uint64_t k = 0; k < m && st == SC_OK; k++) {
+        if (stamps[k] <= seq) continue;
+        staged[q] = staging + (n++ << s->page_shift);
+        at[q++] = k;
+        if (q == SC_CHECKSUM_BATCH || k + 1 == m) {
+            sc__page_checksums_at(staged, q, s->page_size, got);
+            for (uint64_t i = 0; i < q; i++) sums[at[i]] = got[i];
+            q = 0;
+        }
+    }
+    if (st == SC_OK && q) { /* the batch's last pages were live */
+        sc__page_checksums_at(staged, q, s->page_size, got);
+        for (uint64_t i = 0; i < q; i++) sums[at[i]] = got[i];
+    }
+    return st;
+}
+
+static sc_status pwritev_all(int fd, struct iovec *iov, int n, uint64_t off) {
+    while (n) {
+        ssize_t w = pwritev(fd, iov, n, (off_t)off);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return SC_EIO;
+        off += (uint64_t)w;
+        while (n && (size_t)w >= iov->iov_len) { /* drop what was written */
+            w -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n) {
+            iov->iov_base = (uint8_t *)iov->iov_base + w;
+            iov->iov_len -= (size_t)w;
+        }
     }
     return SC_OK;
+}
+
+#ifndef IOV_MAX
+#define IOV_MAX 1024
+#endif
+
+/* The batch, in file order: live pages straight from the store (runs of neighbours as
+ * one piece), preserved ones from `staging`, as few pwritev calls as IOV_MAX allows. */
+static sc_status write_batch(sc_store *s, int fd, const uint64_t *ids, uint64_t m,
+                             const uint64_t *stamps, uint64_t seq, const uint8_t *staging,
+                             uint64_t file_off) {
+    struct iovec iov[IOV_MAX];
+    int n = 0;
+    uint64_t staged = 0, pending = 0; /* bytes in iov[0..n) */
+    for (uint64_t k = 0; k < m; k++) {
+        const uint8_t *src = stamps[k] <= seq ? s->data + (ids[k] << s->page_shift)
+                                              : staging + (staged++ << s->page_shift);
+        if (n && (const uint8_t *)iov[n - 1].iov_base + iov[n - 1].iov_len == src) {
+            iov[n - 1].iov_len += s->page_size;
+        } else {
+            if (n == IOV_MAX) {
+                sc_status st = pwritev_all(fd, iov, n, file_off);
+                if (st) return st;
+                file_off += pending;
+                n = 0;
+                pending = 0;
+            }
+            iov[n++] = (struct iovec){(void *)src, s->page_size};
+        }
+        pending += s->page_size;
+    }
+    return n ? pwritev_all(fd, iov, n, file_off) : SC_OK;
 }
 
 static sc_status redo_page(sc_store *s, uint64_t epoch, uint64_t page, uint8_t *tmp,
@@ -100,7 +173,8 @@ static sc_status write_payload(sc_store *s, uint64_t epoch, int fd, const uint64
     if (!per_batch) per_batch = 1;
     uint64_t *stamps = malloc(per_batch * 8);
     uint8_t *tmp = malloc(s->page_size);
-    sc_status st = stamps && tmp ? SC_OK : SC_ENOMEM;
+    uint8_t *staging = malloc(per_batch << s->page_shift);
+    sc_status st = stamps && tmp && staging ? SC_OK : SC_ENOMEM;
     pthread_rwlock_rdlock(&s->chain_lock);
     uint64_t seq = sc__snap_seq(s, epoch);
     pthread_rwlock_unlock(&s->chain_lock);
@@ -109,11 +183,14 @@ static sc_status write_payload(sc_store *s, uint64_t epoch, int fd, const uint64
         uint64_t m = n - i < per_batch ? n - i : per_batch;
         live_job job = {s, seq, ids + i, checksums + i, stamps};
         sc__parallel_for(m, sc__threads_for(m << s->page_shift, 0), checksum_live, &job);
-        st = write_runs(s, fd, ids + i, m, offset + (i << s->page_shift));
+        st = stage_preserved(s, seq, ids + i, m, stamps, staging, checksums + i);
+        if (st == SC_OK)
+            st = write_batch(s, fd, ids + i, m, stamps, seq, staging, offset + (i << s->page_shift));
         if (st == SC_OK) start_writeback(fd, offset + (i << s->page_shift), m << s->page_shift);
         atomic_thread_fence(memory_order_acquire);
         for (uint64_t k = 0; k < m && st == SC_OK; k++) {
-            if (stamps[k] <= seq && sc__load_stamp(s, ids[i + k]) == stamps[k]) continue;
+            /* Staged pages are final; a live one whose stamp moved since is redone. */
+            if (stamps[k] > seq || sc__load_stamp(s, ids[i + k]) == stamps[k]) continue;
             st = redo_page(s, epoch, ids[i + k], tmp, &checksums[i + k], fd,
                            offset + ((i + k) << s->page_shift));
         }
@@ -121,6 +198,7 @@ static sc_status write_payload(sc_store *s, uint64_t epoch, int fd, const uint64
     }
     free(stamps);
     free(tmp);
+    free(staging);
     return st;
 }
 

@@ -75,11 +75,13 @@ static void start_writeback(int fd, uint64_t off, uint64_t len) {
 
 /* The batch's pages that the snapshot reads from preserved nodes, copied into `staging`
  * in batch order, then checksummed there. */
-static sc_status stage_preserved(sc_store *s, uint64_t seq, const uint64_t *ids, uint64_t m,
-                                 const uint64_t *stamps, uint8_t *staging, uint64_t *sums) {
-    sc_status st = SC_OK;
+static sc_status stage_preserved(sc_store *s, uint64_t epoch, uint64_t seq, const uint64_t *ids,
+                                 uint64_t m, const uint64_t *stamps, uint8_t *staging,
+                                 uint64_t *sums) {
     uint64_t n = 0;
     pthread_rwlock_rdlock(&s->chain_lock);
+    /* Released meanwhile: its nodes may be gone, and an older one's would be read. */
+    sc_status st = sc__snap_seq(s, epoch) == seq ? SC_OK : SC_ENOSNAP;
     for (uint64_t k = 0; k < m && st == SC_OK; k++)
         if (stamps[k] > seq)
             st = sc__read_page_as_of(s, seq, ids[k], staging + (n++ << s->page_shift), NULL);
@@ -91,13 +93,13 @@ static sc_status stage_preserved(sc_store *s, uint64_t seq, const uint64_t *ids,
         if (stamps[k] <= seq) continue;
         staged[q] = staging + (n++ << s->page_shift);
         at[q++] = k;
-        if (q == SC_CHECKSUM_BATCH || k + 1 == m) {
+        if (q == SC_CHECKSUM_BATCH) {
             sc__page_checksums_at(staged, q, s->page_size, got);
             for (uint64_t i = 0; i < q; i++) sums[at[i]] = got[i];
             q = 0;
         }
     }
-    if (st == SC_OK && q) { /* the batch's last pages were live */
+    if (st == SC_OK && q) {
         sc__page_checksums_at(staged, q, s->page_size, got);
         for (uint64_t i = 0; i < q; i++) sums[at[i]] = got[i];
     }
@@ -128,7 +130,8 @@ static sc_status pwritev_all(int fd, struct iovec *iov, int n, uint64_t off) {
 #endif
 
 /* The batch, in file order: live pages straight from the store (runs of neighbours as
- * one piece), preserved ones from `staging`, as few pwritev calls as IOV_MAX allows. */
+ * one piece), preserved ones from `staging` (or, without one, live too, to be redone),
+ * as few pwritev calls as IOV_MAX allows. */
 static sc_status write_batch(sc_store *s, int fd, const uint64_t *ids, uint64_t m,
                              const uint64_t *stamps, uint64_t seq, const uint8_t *staging,
                              uint64_t file_off) {
@@ -136,8 +139,9 @@ static sc_status write_batch(sc_store *s, int fd, const uint64_t *ids, uint64_t 
     int n = 0;
     uint64_t staged = 0, pending = 0; /* bytes in iov[0..n) */
     for (uint64_t k = 0; k < m; k++) {
-        const uint8_t *src = stamps[k] <= seq ? s->data + (ids[k] << s->page_shift)
-                                              : staging + (staged++ << s->page_shift);
+        const uint8_t *src = stamps[k] <= seq || !staging
+                                 ? s->data + (ids[k] << s->page_shift)
+                                 : staging + (staged++ << s->page_shift);
         if (n && (const uint8_t *)iov[n - 1].iov_base + iov[n - 1].iov_len == src) {
             iov[n - 1].iov_len += s->page_size;
         } else {
@@ -173,8 +177,9 @@ static sc_status write_payload(sc_store *s, uint64_t epoch, int fd, const uint64
     if (!per_batch) per_batch = 1;
     uint64_t *stamps = malloc(per_batch * 8);
     uint8_t *tmp = malloc(s->page_size);
-    uint8_t *staging = malloc(per_batch << s->page_shift);
-    sc_status st = stamps && tmp && staging ? SC_OK : SC_ENOMEM;
+    uint8_t *staging = NULL; /* made for the first batch with preserved pages, if it can be */
+    bool staging_tried = false;
+    sc_status st = stamps && tmp ? SC_OK : SC_ENOMEM;
     pthread_rwlock_rdlock(&s->chain_lock);
     uint64_t seq = sc__snap_seq(s, epoch);
     pthread_rwlock_unlock(&s->chain_lock);
@@ -183,14 +188,22 @@ static sc_status write_payload(sc_store *s, uint64_t epoch, int fd, const uint64
         uint64_t m = n - i < per_batch ? n - i : per_batch;
         live_job job = {s, seq, ids + i, checksums + i, stamps};
         sc__parallel_for(m, sc__threads_for(m << s->page_shift, 0), checksum_live, &job);
-        st = stage_preserved(s, seq, ids + i, m, stamps, staging, checksums + i);
+        bool staged = false;
+        for (uint64_t k = 0; k < m && !staged; k++) staged = stamps[k] > seq;
+        if (staged && !staging_tried) {
+            staging_tried = true;
+            staging = malloc(per_batch << s->page_shift);
+        }
+        staged = staged && staging; /* without a buffer, such pages take the redo path */
+        if (staged) st = stage_preserved(s, epoch, seq, ids + i, m, stamps, staging, checksums + i);
         if (st == SC_OK)
-            st = write_batch(s, fd, ids + i, m, stamps, seq, staging, offset + (i << s->page_shift));
+            st = write_batch(s, fd, ids + i, m, stamps, seq, staged ? staging : NULL,
+                             offset + (i << s->page_shift));
         if (st == SC_OK) start_writeback(fd, offset + (i << s->page_shift), m << s->page_shift);
         atomic_thread_fence(memory_order_acquire);
         for (uint64_t k = 0; k < m && st == SC_OK; k++) {
             /* Staged pages are final; a live one whose stamp moved since is redone. */
-            if (stamps[k] > seq || sc__load_stamp(s, ids[i + k]) == stamps[k]) continue;
+            if (stamps[k] > seq ? staged : sc__load_stamp(s, ids[i + k]) == stamps[k]) continue;
             st = redo_page(s, epoch, ids[i + k], tmp, &checksums[i + k], fd,
                            offset + ((i + k) << s->page_shift));
         }

@@ -1312,12 +1312,32 @@ static uint8_t *read_file(const char *path, uint64_t *len) {
     return buf;
 }
 
+/* A checkpoint file of a snapshot, parsed (every checksum verified) and compared with
+ * `want`, the snapshot's bytes: every page of the store is in it. */
+static void check_checkpoint_file(const char *path, const uint8_t *want, uint64_t n,
+                                  uint32_t ps) {
+    uint64_t len = 0;
+    uint8_t *buf = read_file(path, &len);
+    REQUIRE(buf);
+    sc_delta_view v;
+    uint64_t bad = UINT64_MAX;
+    CHECK_ST(sc_delta_parse(buf, len, SC_KIND_CHECKPOINT, 1, &v, &bad), SC_OK);
+    CHECK_EQ_U64(v.header.n_pages, n);
+    for (uint64_t i = 0; i < v.header.n_pages && i < n; i++) {
+        CHECK_EQ_U64(v.ids[i], i);
+        if (memcmp(v.payload + i * ps, want + i * ps, ps) != 0) {
+            CHECK(!"a saved page differs from the snapshot's");
+            break;
+        }
+    }
+    free(buf);
+}
+
 /* A save whose batches interleave live pages with pages the snapshot reads from preserved
- * copies (written from a staging buffer in the same pwritev): every other page rewritten
- * after the snapshot makes each 8 MiB batch 2048 pieces, more than one pwritev takes. */
-static void test_checkpoint_staged(void) {
-    const uint32_t ps = 4096;
-    const uint64_t n = 5000, size = n * ps; /* three batches, the last one partial */
+ * copies (written from a staging buffer in the same pwritev): with every other page
+ * rewritten after the snapshot, an 8 MiB batch is more pieces than one pwritev takes. */
+static void checkpoint_staged_with(uint32_t ps, uint64_t n) {
+    const uint64_t size = n * ps;
     sc_store *s = NULL;
     CHECK_ST(sc_store_open(NULL, size, ps, &s), SC_OK);
     REQUIRE(s);
@@ -1334,27 +1354,76 @@ static void test_checkpoint_staged(void) {
     tmp_path(path, "staged.sc");
     int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
     REQUIRE(fd >= 0);
-    uint64_t bytes = 0;
-    CHECK_ST(sc_checkpoint_save(s, e, fd, &bytes, NULL), SC_OK);
+    CHECK_ST(sc_checkpoint_save(s, e, fd, NULL, NULL), SC_OK);
     close(fd);
-    uint64_t len = 0;
-    uint8_t *buf = read_file(path, &len);
-    REQUIRE(buf);
-    sc_delta_view v;
-    uint64_t bad = UINT64_MAX;
-    CHECK_ST(sc_delta_parse(buf, len, SC_KIND_CHECKPOINT, 1, &v, &bad), SC_OK); /* checksums */
-    CHECK_EQ_U64(v.header.n_pages, n);
-    for (uint64_t i = 0; i < v.header.n_pages && i < n; i++) {
-        CHECK_EQ_U64(v.ids[i], i);
-        if (memcmp(v.payload + i * ps, before + i * ps, ps) != 0) {
-            CHECK(!"a saved page differs from the snapshot's");
-            break;
-        }
-    }
-    free(buf);
+    check_checkpoint_file(path, before, n, ps);
     free(before);
     free(page);
     sc_store_close(s);
+}
+
+static void test_checkpoint_staged(void) {
+    checkpoint_staged_with(512, 40000);     /* 16,384 pages a batch: 16 pwritev calls */
+    checkpoint_staged_with(4096, 5000);     /* three batches, the last one partial */
+    checkpoint_staged_with(1u << 20, 20);   /* 8 pages a batch */
+}
+
+typedef struct {
+    sc_store *s;
+    uint32_t ps;
+    uint64_t n, seed;
+    uint64_t release_epoch, release_after; /* release_after 0: the writer never releases */
+    atomic_bool stop;
+} save_race;
+
+/* The writer thread, while the main thread saves: rewrites random pages, and (writer-side,
+ * so here) releases the snapshot after release_after writes when asked to. */
+static void *rewrite_pages(void *arg) {
+    save_race *r = arg;
+    uint8_t *page = xmalloc(r->ps);
+    for (uint64_t i = 1; !atomic_load(&r->stop); i++) {
+        fill_random(&r->seed, page, r->ps);
+        if (sc_store_write(r->s, rng_next(&r->seed) % r->n * r->ps, page, r->ps)) break;
+        if (i == r->release_after) sc_snapshot_release(r->s, r->release_epoch);
+    }
+    free(page);
+    return NULL;
+}
+
+/* Saves while a writer thread rewrites random pages (live pages moving mid-save take the
+ * redo path), and one whose snapshot the writer releases mid-save: that save either
+ * finishes first, with the snapshot's bytes, or reports SC_ENOSNAP. */
+static void test_checkpoint_under_writer(void) {
+    const uint32_t ps = 4096;
+    const uint64_t n = 6000, size = n * ps;
+    for (int release = 0; release < 2; release++) {
+        sc_store *s = NULL;
+        CHECK_ST(sc_store_open(NULL, size, ps, &s), SC_OK);
+        REQUIRE(s);
+        uint8_t *want = xmalloc(size);
+        fill_random(&g_rng, want, size);
+        CHECK_ST(sc_store_write(s, 0, want, size), SC_OK);
+        uint64_t e = 0;
+        CHECK_ST(sc_snapshot_take(s, &e), SC_OK);
+        save_race r = {.s = s, .ps = ps, .n = n, .seed = g_rng + 7, .release_epoch = e,
+                       .release_after = release ? 500 : 0};
+        atomic_init(&r.stop, false);
+        pthread_t writer;
+        REQUIRE(pthread_create(&writer, NULL, rewrite_pages, &r) == 0);
+        char path[PATH_MAX];
+        tmp_path(path, "under-writer.sc");
+        int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+        REQUIRE(fd >= 0);
+        sc_status st = sc_checkpoint_save(s, e, fd, NULL, NULL);
+        close(fd);
+        atomic_store(&r.stop, true);
+        pthread_join(writer, NULL);
+        CHECK(st == SC_OK || (release && st == SC_ENOSNAP));
+        if (st == SC_OK) check_checkpoint_file(path, want, n, ps);
+        if (!release) CHECK_ST(sc_snapshot_release(s, e), SC_OK);
+        free(want);
+        sc_store_close(s);
+    }
 }
 
 static void test_checkpoint(void) {
@@ -1941,6 +2010,7 @@ static const test_case tests[] = {
     {"write_pages", test_write_pages},
     {"write_rows", test_write_rows},
     {"checkpoint_staged", test_checkpoint_staged},
+    {"checkpoint_under_writer", test_checkpoint_under_writer},
     {"streamed_writes", test_streamed_writes},
     {"stream_copy_impls", test_stream_copy_impls},
     {"pipelined_write_readers", test_pipelined_write_readers},

@@ -12,6 +12,7 @@
 #include "parallel.h"
 
 #define SAVE_BATCH_BYTES (8u << 20) /* two checksum threads' worth (parallel.c) */
+#define STAGE_HOLD_BYTES (1u << 20) /* ~0.1 ms of copying under the chain lock at a time */
 
 static sc_status pwrite_all(int fd, const void *buf, uint64_t len, uint64_t off) {
     const uint8_t *p = buf;
@@ -78,14 +79,20 @@ static void start_writeback(int fd, uint64_t off, uint64_t len) {
 static sc_status stage_preserved(sc_store *s, uint64_t epoch, uint64_t seq, const uint64_t *ids,
                                  uint64_t m, const uint64_t *stamps, uint8_t *staging,
                                  uint64_t *sums) {
-    uint64_t n = 0;
-    pthread_rwlock_rdlock(&s->chain_lock);
-    /* Released meanwhile: its nodes may be gone, and an older one's would be read. */
-    sc_status st = sc__snap_seq(s, epoch) == seq ? SC_OK : SC_ENOSNAP;
-    for (uint64_t k = 0; k < m && st == SC_OK; k++)
-        if (stamps[k] > seq)
-            st = sc__read_page_as_of(s, seq, ids[k], staging + (n++ << s->page_shift), NULL);
-    pthread_rwlock_unlock(&s->chain_lock);
+    uint64_t n = 0, per_hold = STAGE_HOLD_BYTES >> s->page_shift;
+    if (!per_hold) per_hold = 1;
+    sc_status st = SC_OK;
+    for (uint64_t k = 0; k < m && st == SC_OK;) {
+        /* A bounded copy per hold of the lock: snapshot() waits for it. */
+        uint64_t end = n + per_hold;
+        pthread_rwlock_rdlock(&s->chain_lock);
+        /* Released meanwhile: its nodes may be gone, and an older one's would be read. */
+        if (sc__snap_seq(s, epoch) != seq) st = SC_ENOSNAP;
+        for (; k < m && n < end && st == SC_OK; k++)
+            if (stamps[k] > seq)
+                st = sc__read_page_as_of(s, seq, ids[k], staging + (n++ << s->page_shift), NULL);
+        pthread_rwlock_unlock(&s->chain_lock);
+    }
     const uint8_t *staged[SC_CHECKSUM_BATCH];
     uint64_t at[SC_CHECKSUM_BATCH], got[SC_CHECKSUM_BATCH], q = 0;
     n = 0;

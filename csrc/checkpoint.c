@@ -12,7 +12,7 @@
 #include "parallel.h"
 
 #define SAVE_BATCH_BYTES (8u << 20) /* two checksum threads' worth (parallel.c) */
-#define STAGE_HOLD_BYTES (1u << 20) /* ~0.1 ms of copying under the chain lock at a time */
+#define STAGE_HOLD_BYTES (256u << 10) /* copied per hold of the chain lock (snapshot() waits) */
 
 static sc_status pwrite_all(int fd, const void *buf, uint64_t len, uint64_t off) {
     const uint8_t *p = buf;

@@ -30,8 +30,8 @@ static sc_status pwrite_all(int fd, const void *buf, uint64_t len, uint64_t off)
 /* Saving reads pages live, without copying them first: the checksum is computed from the
  * store's memory and pwritev copies straight from it. A page whose stamp already says the
  * snapshot must not read it live is copied from its preserved node into a staging buffer
- * (the whole batch's such pages under one hold of the chain lock, which is never held
- * across I/O: snapshot() takes it) and written from there in the same pwritev. A page
+ * (a bounded copy per hold of the chain lock, which is never held across I/O: snapshot()
+ * takes it) and written from there in the same pwritev. A page
  * whose stamp moved while we read it (seqlock, as in snapshot.c) is redone on its own.
  * The live path needs no lock because the caller holds the snapshot for the whole save
  * (and a release under us is caught by the fallbacks). */
@@ -144,7 +144,8 @@ static sc_status write_batch(sc_store *s, int fd, const uint64_t *ids, uint64_t 
                              uint64_t file_off) {
     struct iovec iov[IOV_MAX];
     int n = 0;
-    uint64_t staged = 0, pending = 0; /* bytes in iov[0..n) */
+    uint64_t staged = 0;  /* pages taken from staging so far */
+    uint64_t pending = 0; /* bytes in iov[0..n) */
     for (uint64_t k = 0; k < m; k++) {
         const uint8_t *src = stamps[k] <= seq || !staging
                                  ? s->data + (ids[k] << s->page_shift)

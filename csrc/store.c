@@ -407,12 +407,13 @@ sc_status sc_store_write_rows(sc_store *s, const int64_t *idx, uint64_t n, uint6
      * failed copy leaves nothing written; then the rows, in order (the last of repeats wins). */
     st = touch_checked_rows(s, idx, n, (int64_t)n_rows, base, row_bytes);
     if (st) return st;
+    uint8_t *rows = s->data + base;
     for (uint64_t i = 0; i < n; i++) {
         if (i + SC_PREFETCH_AHEAD < n)
-            __builtin_prefetch(s->data + base +
-                                   row_of(idx[i + SC_PREFETCH_AHEAD], (int64_t)n_rows) * row_bytes, 1);
-        copy_row(s->data + base + row_of(idx[i], (int64_t)n_rows) * row_bytes,
-                 in + i * src_stride, row_bytes);
+            __builtin_prefetch(rows + row_of(idx[i + SC_PREFETCH_AHEAD], (int64_t)n_rows) * row_bytes,
+                               1);
+        copy_row(rows + row_of(idx[i], (int64_t)n_rows) * row_bytes, in + i * src_stride,
+                 row_bytes);
     }
     return SC_OK;
 }

@@ -186,6 +186,17 @@ static inline void sc__prefetch_meta(const sc_store *s, uint64_t p) {
 #define SC_CHECKSUM_BATCH 64 /* pages per call that keeps the lanes full and stays in cache */
 void sc__page_checksums_at(const uint8_t *const *p, uint64_t n, uint64_t len, uint64_t *out);
 
+/* Fault injection for the C tests (csrc built with -DSC_FAULT_INJECTION, as
+ * run_sanitized.sh does): the allocations of a write under a snapshot (batch buffers, the
+ * copier, pool chunks) count sc_test_allocs_left down, and the one that finds it at 0
+ * fails; -1, the default, fails none. Nothing of this is in any other build. */
+#ifdef SC_FAULT_INJECTION
+extern _Atomic long sc_test_allocs_left;
+bool sc__alloc_fails(void);
+#else
+static inline bool sc__alloc_fails(void) { return false; }
+#endif
+
 /* cpu.c */
 bool sc__have_avx512(void); /* AVX-512 F and DQ, checked once */
 int sc__usable_cpus(void);  /* CPUs this process may run on */

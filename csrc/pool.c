@@ -60,7 +60,17 @@ static void list_remove(sc_pool *p, sc_chunk *c) {
     c->listed = false;
 }
 
+#ifdef SC_FAULT_INJECTION
+_Atomic long sc_test_allocs_left = -1;
+
+bool sc__alloc_fails(void) {
+    long left = atomic_load(&sc_test_allocs_left);
+    return left >= 0 && atomic_fetch_sub(&sc_test_allocs_left, 1) <= 0;
+}
+#endif
+
 static uint8_t *map_aligned(uint64_t size) {
+    if (sc__alloc_fails()) return NULL;
     /* Over-allocate, then trim to an aligned chunk (huge pages need the alignment). */
     uint8_t *raw = mmap(NULL, size * 2, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -95,7 +105,7 @@ static sc_chunk *chunk_new(sc_pool *p) {
     if (p->next_id >= p->max_chunks) return NULL; /* 2^32 preserved pages: out of ids */
     uint64_t slots = (uint64_t)1 << p->slot_shift;
     /* One allocation for the header and the metadata arrays, u64 arrays first. */
-    sc_chunk *c = calloc(1, sizeof *c + slots * SC_NODE_META_BYTES);
+    sc_chunk *c = sc__alloc_fails() ? NULL : calloc(1, sizeof *c + slots * SC_NODE_META_BYTES);
     if (!c) return NULL;
     c->base = map_aligned(p->chunk_size);
     if (!c->base || !dir_put(p, p->next_id, c)) {

@@ -75,7 +75,7 @@ sc_copier *sc__copier_start(sc_store *s) {
      * batch with sc__threads_for's threads (up to four) may well beat two copiers, and
      * that path is left as it was. */
     if (sc__usable_cpus() != 2) return NULL;
-    sc_copier *c = calloc(1, sizeof *c);
+    sc_copier *c = sc__alloc_fails() ? NULL : calloc(1, sizeof *c);
     if (!c) return NULL;
     c->s = s;
     pthread_mutex_init(&c->mu, NULL);

@@ -110,8 +110,8 @@ static void finish_flight(sc_prep *b) {
 static bool start_copier(sc_prep *b) {
     if (b->copier_tried) return b->copier != NULL;
     b->copier_tried = true;
-    sc_node *nodes = malloc(b->cap * sizeof *nodes);
-    uint64_t *versions = malloc(b->cap * sizeof *versions);
+    sc_node *nodes = sc__alloc_fails() ? NULL : malloc(b->cap * sizeof *nodes);
+    uint64_t *versions = sc__alloc_fails() ? NULL : malloc(b->cap * sizeof *versions);
     sc_copier *c = nodes && versions ? sc__copier_start(b->s) : NULL;
     if (!c) {
         free(nodes);
@@ -151,8 +151,9 @@ static sc_status queue(sc_prep *b, uint64_t p, uint64_t version, uint64_t stamp,
     sc_store *s = b->s;
     if (!b->cap) {
         uint64_t cap = BATCH_BYTES >> s->page_shift;
-        b->nodes = malloc((cap ? cap : 1) * sizeof *b->nodes);
-        b->new_versions = malloc((cap ? cap : 1) * sizeof *b->new_versions);
+        b->nodes = sc__alloc_fails() ? NULL : malloc((cap ? cap : 1) * sizeof *b->nodes);
+        b->new_versions =
+            sc__alloc_fails() ? NULL : malloc((cap ? cap : 1) * sizeof *b->new_versions);
         if (!b->nodes || !b->new_versions) return SC_ENOMEM;
         b->cap = cap ? cap : 1;
     }

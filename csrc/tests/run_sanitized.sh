@@ -16,8 +16,8 @@ cc="${CC:-gcc}"
 build="$(mktemp -d "${TMPDIR:-/tmp}/statecore-sanitized.XXXXXX")"
 trap 'rm -rf "$build"' EXIT
 
-flags=(-std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=address,undefined -fno-omit-frame-pointer
-       -fno-sanitize-recover=all -pthread -Wall -Wextra -I"$csrc")
+flags=(-std=c11 -D_GNU_SOURCE -DSC_FAULT_INJECTION -g -O1 -fsanitize=address,undefined
+       -fno-omit-frame-pointer -fno-sanitize-recover=all -pthread -Wall -Wextra -I"$csrc")
 
 start=$SECONDS
 echo "== build ($cc, sanitized) in $build"

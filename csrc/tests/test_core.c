@@ -558,6 +558,52 @@ static void test_write_pages(void) {
     sc_store_close(s);
 }
 
+/* Each allocation a large write under a snapshot makes (batch buffers, the copier thread,
+ * pool chunks) failing in turn: the write either reports SC_ENOMEM and writes nothing or
+ * (the copier is optional) succeeds without it; the snapshot keeps its bytes, the same
+ * write then succeeds, and nothing leaks (ASan's leak check at exit). Up to the first k
+ * past the write's last allocation. */
+static void test_write_alloc_failures(void) {
+#ifdef SC_FAULT_INJECTION
+    const uint32_t ps = 4096;
+    const uint64_t n = (40u << 20) / ps, size = n * ps; /* over two copier batches */
+    uint8_t *before = xmalloc(size), *after = xmalloc(size), *seen = xmalloc(size);
+    uint64_t *ids = xmalloc(n * sizeof *ids);
+    for (uint64_t i = 0; i < n; i++) ids[i] = i;
+    fill_random(&g_rng, before, size);
+    fill_random(&g_rng, after, size);
+    bool injected = true;
+    long failures = 0;
+    for (long k = 0; k < 1000 && injected; k++) {
+        sc_store *s = NULL;
+        CHECK_ST(sc_store_open(NULL, size, ps, &s), SC_OK);
+        REQUIRE(s);
+        CHECK_ST(sc_store_write(s, 0, before, size), SC_OK);
+        uint64_t e = 0;
+        CHECK_ST(sc_snapshot_take(s, &e), SC_OK);
+        atomic_store(&sc_test_allocs_left, k);
+        sc_status st = sc_store_write_pages(s, ids, n, after);
+        injected = atomic_exchange(&sc_test_allocs_left, -1) < 0; /* allocation k failed */
+        CHECK(st == SC_OK || (st == SC_ENOMEM && injected));
+        bool succeeded = st == SC_OK;
+        failures += !succeeded;
+        CHECK(memcmp(sc_store_data(s), succeeded ? after : before, size) == 0);
+        if (!succeeded) CHECK_ST(sc_store_write_pages(s, ids, n, after), SC_OK);
+        CHECK(memcmp(sc_store_data(s), after, size) == 0);
+        CHECK_ST(sc_snapshot_read(s, e, 0, seen, size), SC_OK);
+        CHECK(memcmp(seen, before, size) == 0);
+        CHECK_ST(sc_snapshot_release(s, e), SC_OK);
+        sc_store_close(s);
+    }
+    CHECK(!injected); /* reached a k the write no longer gets to */
+    CHECK(failures > 3); /* the batch buffers and pool chunks at least */
+    free(before);
+    free(after);
+    free(seen);
+    free(ids);
+#endif
+}
+
 /* Reference for sc_store_write_rows: the rows written one by one, in order. */
 static void write_rows_by_hand(uint8_t *mem, const int64_t *idx, uint64_t n, int64_t n_rows,
                                uint64_t base, uint64_t row_bytes, const uint8_t *src,
@@ -2009,6 +2055,7 @@ static const test_case tests[] = {
     {"bounds", test_bounds},
     {"write_pages", test_write_pages},
     {"write_rows", test_write_rows},
+    {"write_alloc_failures", test_write_alloc_failures},
     {"checkpoint_staged", test_checkpoint_staged},
     {"checkpoint_under_writer", test_checkpoint_under_writer},
     {"streamed_writes", test_streamed_writes},

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the C core with its tests under AddressSanitizer + UBSan and run them:
-#   test_core    - unit, model and thread tests of the C API
+#   test_core    - unit, model and thread tests of the C API, and allocation failures
+#                  injected into large writes (the core is built with -DSC_FAULT_INJECTION)
 #   test_kv      - the key-value layer: model test with snapshot views, full-region
 #                  atomicity, byte-flip fuzzing of a map in the store
 #   fuzz_decode  - deterministic mutation fuzzer of the delta/checkpoint decoder

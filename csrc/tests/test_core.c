@@ -1358,6 +1358,16 @@ static uint8_t *read_file(const char *path, uint64_t *len) {
     return buf;
 }
 
+/* Snapshot e of s saved to a new file `name` in the test directory (its path into `path`). */
+static sc_status save_to_file(sc_store *s, uint64_t e, const char *name, char *path) {
+    tmp_path(path, name);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    if (fd < 0) return SC_EIO;
+    sc_status st = sc_checkpoint_save(s, e, fd, NULL, NULL);
+    close(fd);
+    return st;
+}
+
 /* A checkpoint file of a snapshot, parsed (every checksum verified) and compared with
  * `want`, the snapshot's bytes: every page of the store is in it. */
 static void check_checkpoint_file(const char *path, const uint8_t *want, uint64_t n,
@@ -1397,11 +1407,7 @@ static void checkpoint_staged_with(uint32_t ps, uint64_t n) {
         CHECK_ST(sc_store_write(s, p * ps, page, ps), SC_OK);
     }
     char path[PATH_MAX];
-    tmp_path(path, "staged.sc");
-    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
-    REQUIRE(fd >= 0);
-    CHECK_ST(sc_checkpoint_save(s, e, fd, NULL, NULL), SC_OK);
-    close(fd);
+    CHECK_ST(save_to_file(s, e, "staged.sc", path), SC_OK);
     check_checkpoint_file(path, before, n, ps);
     free(before);
     free(page);
@@ -1457,11 +1463,7 @@ static void test_checkpoint_under_writer(void) {
         pthread_t writer;
         REQUIRE(pthread_create(&writer, NULL, rewrite_pages, &r) == 0);
         char path[PATH_MAX];
-        tmp_path(path, "under-writer.sc");
-        int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
-        REQUIRE(fd >= 0);
-        sc_status st = sc_checkpoint_save(s, e, fd, NULL, NULL);
-        close(fd);
+        sc_status st = save_to_file(s, e, "under-writer.sc", path);
         atomic_store(&r.stop, true);
         pthread_join(writer, NULL);
         CHECK(st == SC_OK || (release && st == SC_ENOSNAP));
@@ -1653,11 +1655,7 @@ static void test_restore_first_bad(void) {
     uint64_t e;
     CHECK_ST(sc_snapshot_take(a, &e), SC_OK);
     char path[PATH_MAX];
-    tmp_path(path, "restore.sc");
-    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
-    REQUIRE(fd >= 0);
-    CHECK_ST(sc_checkpoint_save(a, e, fd, NULL, NULL), SC_OK);
-    close(fd);
+    CHECK_ST(save_to_file(a, e, "restore.sc", path), SC_OK);
     uint64_t len = 0;
     uint8_t *buf = read_file(path, &len);
     REQUIRE(buf);

@@ -277,6 +277,11 @@ def parse(object source, int kind, bint verify_pages, object corrupt):
     return dv
 
 
+cdef object _row_out_of_bounds(int64_t index, uint64_t n_rows):
+    return IndexError(f"index {index} is out of bounds for axis 0 with size {n_rows}: "
+                      f"indices must be in [{-<int64_t>n_rows}, {n_rows - 1}]")
+
+
 cdef str _describe_corruption(object source, int kind):
     # The C parser says only "corrupt"; re-derive the first failing check for the message.
     cdef const uint8_t[::1] b
@@ -497,8 +502,7 @@ cdef class StoreCore:
             with nogil:
                 st = sc_store_touch_rows(self._s, &idx[0], n, n_rows, base, row_bytes, &bad)
             if st == SC_ERANGE:
-                raise IndexError(f"index {idx[bad]} is out of bounds for axis 0 with size "
-                                 f"{n_rows}: indices must be in [{-<int64_t>n_rows}, {n_rows - 1}]")
+                raise _row_out_of_bounds(idx[bad], n_rows)
             check(st, "touch rows")
         finally:
             self._leave()
@@ -524,8 +528,7 @@ cdef class StoreCore:
                 st = sc_store_write_rows(self._s, &idx[0], n, n_rows, base, row_bytes, &src[0],
                                          src_stride, &bad)
             if st == SC_ERANGE:
-                raise IndexError(f"index {idx[bad]} is out of bounds for axis 0 with size "
-                                 f"{n_rows}: indices must be in [{-<int64_t>n_rows}, {n_rows - 1}]")
+                raise _row_out_of_bounds(idx[bad], n_rows)
             check(st, "write rows")
         finally:
             self._leave()

@@ -1,9 +1,11 @@
-"""The .pyi stubs of the extension modules match the runtime (mypy.stubtest)."""
+"""Types: the .pyi stubs of the extension modules match the runtime (mypy.stubtest), and
+the package type-checks with them (mypy)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import statecore
 import mypy.stubtest  # noqa: F401  (in the test extra: a missing mypy fails, not skips)
 
 ALLOWLIST = Path(__file__).with_name("stubtest_allowlist.txt")
@@ -19,3 +21,13 @@ def test_stubtest_extension_modules():
         print(proc.stdout)
         print(proc.stderr, file=sys.stderr)
     assert proc.returncode == 0, f"stubtest failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_the_package_type_checks():
+    """statecore ships py.typed: a user's mypy reads our annotations, so they must hold."""
+    package = Path(statecore.__file__).parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental", str(package)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"mypy found errors:\n{proc.stdout}\n{proc.stderr}"

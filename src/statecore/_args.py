@@ -58,7 +58,7 @@ def byte_view(data: Any, name: str = "data") -> memoryview:
         raise TypeError(f"{name} must hold plain bytes or numbers, got an array of Python "
                         f"objects (format {mv.format!r})")
     if not mv.c_contiguous:
-        mv = memoryview(np.ascontiguousarray(np.asarray(data)))
+        mv = np.ascontiguousarray(np.asarray(data)).data
     if mv.ndim != 1 or mv.format != "B":
         mv = mv.cast("B")
     return mv

@@ -22,7 +22,7 @@ def _print(args: argparse.Namespace, data: Dict[str, Any], text: str) -> None:
 
 
 def _jsonable(obj: Any) -> Any:
-    if is_dataclass(obj):
+    if is_dataclass(obj) and not isinstance(obj, type):
         return asdict(obj)
     if isinstance(obj, bytes):
         return obj.hex()

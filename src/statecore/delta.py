@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
 
-import lz4.block
+import lz4.block  # type: ignore[import-untyped]  # python-lz4 ships no type information
 import numpy as np
 
 from . import _core, errors

@@ -36,11 +36,15 @@ class CorruptKV(errors.CorruptData):
 
 
 class _Items(ItemsView):
+    _mapping: "KVStore"
+
     def __iter__(self) -> Iterator[tuple]:
         return self._mapping._iter(2)
 
 
 class _Values(ValuesView):
+    _mapping: "KVStore"
+
     def __iter__(self) -> Iterator[bytes]:
         return self._mapping._iter(1)
 
@@ -204,7 +208,7 @@ class KVStore(_kv.KVCore, MutableMapping):
     def stats(self) -> dict:
         """Table and heap figures: count, buckets, level/split (linear hashing), splits,
         overflow buckets, load factor, used/free/wilderness bytes of the region."""
-        s = self._stats()
+        s: dict[str, Any] = dict(self._stats())
         slots = s["buckets"] * s["slots_per_bucket"]
         s["load_factor"] = s["count"] / slots if slots else 0.0
         return s

@@ -24,7 +24,7 @@ import ssl as _ssl
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple, Union
 
 import numpy as np
 
@@ -128,7 +128,8 @@ class Primary:
     def _on_commit(self, delta: Delta, snap: Snapshot) -> None:
         # A floor is a promise for every reader of the snapshot: none for a checkpoint's
         # (saved in the background) or one another listener may read.
-        sole = getattr(snap, "_listeners_only", False) and len(self.store._listeners) == 1
+        listeners = getattr(self.store, "_listeners", ())  # a DurableStore's
+        sole = getattr(snap, "_listeners_only", False) and len(listeners) == 1
         self._publish(snap, delta, sole_reader=sole)
 
     def _publish(self, snap: Snapshot, delta: Optional[Delta], sole_reader: bool = True) -> None:
@@ -270,7 +271,7 @@ class _Session(threading.Thread):
             if self._builder is not None:
                 self._builder.close()
 
-    def _refuse(self, message: str) -> None:
+    def _refuse(self, message: str) -> NoReturn:
         wire.send_error(self.conn, message)
         raise wire.ProtocolError(message)
 
@@ -360,7 +361,8 @@ class _Session(threading.Thread):
         except errors.SnapshotReleased:
             return  # replaced meanwhile; the loop picks up the newer one
         try:
-            ids = np.frombuffer(store._changed_pages(self.sent, pub.epoch)[0], dtype=np.uint64)
+            ids = np.frombuffer(memoryview(store._changed_pages(self.sent, pub.epoch)[0]),
+                                dtype=np.uint64)
             if self._builder is None:
                 self._builder = PartBuilder(store, self.part_pages or
                                             part_pages_for(store.page_size))
@@ -414,8 +416,8 @@ def _nonce_of(msg: Dict[str, Any]) -> bytes:
 
 def _uuid_of(msg: Dict[str, Any]) -> bytes:
     try:
-        uuid = bytes.fromhex(msg.get("uuid"))
-    except (TypeError, ValueError):
+        uuid = bytes.fromhex(str(msg.get("uuid")))
+    except ValueError:
         raise wire.ProtocolError("invalid store identity in WELCOME") from None
     if len(uuid) != 16:
         raise wire.ProtocolError("invalid store identity in WELCOME")

@@ -30,6 +30,11 @@ class Store(_core.StoreCore):
     closes the epoch in O(1) and later writes preserve the pages it still needs.
     """
 
+    # Set by a Follower replicating into this store (replication.py, transfer.py): the
+    # epoch it holds, and the one to resume from when left in the middle of a delta.
+    _replica_epoch: int = 0
+    _replica_resume: Optional[int] = None
+
     def __init__(self, path: Optional[PathLike] = None, *, size: Optional[int] = None,
                  page_size: Optional[int] = None) -> None:
         ps = check_page_size(page_size) if page_size is not None else None
@@ -86,7 +91,7 @@ class Store(_core.StoreCore):
         # numpy tries the buffer export first and, when it is refused, silently falls
         # back to a 0-d object array. Only a refused export reaches here: raise why.
         self._check()
-        out = np.frombuffer(self, dtype=np.uint8)
+        out = np.frombuffer(memoryview(self), dtype=np.uint8)
         return out if dtype is None else out.astype(dtype)
 
     def sync(self) -> None:
@@ -193,7 +198,7 @@ class Store(_core.StoreCore):
         from .delta import resolve_epochs
         with resolve_epochs(self, since, until) as (a, b):
             ids, _ = self._changed_pages(a, b)
-            return np.frombuffer(ids, dtype=np.uint64)
+            return np.frombuffer(memoryview(ids), dtype=np.uint64)
 
     # ---- observability -----------------------------------------------------------------
     @property

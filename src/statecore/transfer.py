@@ -48,7 +48,7 @@ def _aligned(nbytes: int) -> memoryview:
     """A writable, 64-byte aligned buffer of nbytes (the core reads u64 arrays in place)."""
     raw = np.empty(nbytes + 64, dtype=np.uint8)
     off = (-raw.ctypes.data) % 64
-    return memoryview(raw[off:off + nbytes])
+    return raw[off:off + nbytes].data
 
 
 # ---- primary side ---------------------------------------------------------------------------
@@ -212,7 +212,7 @@ class PartApplier:
             self._last_id = -1
             # From here the store may hold pages newer than resume_epoch: a follower that
             # starts over on it must resume from resume_epoch (see the module docstring).
-            self.store._replica_resume = resume_epoch  # type: ignore[attr-defined]
+            self.store._replica_resume = resume_epoch
         elif (f.seq, f.first, (f.base, f.target, f.total)) != (self._seq, self._first,
                                                                self._transfer):
             raise wire.ProtocolError(
@@ -291,5 +291,5 @@ def resume_marker(store: Store) -> Optional[int]:
 
 def clear_resume_marker(store: Store) -> None:
     if getattr(store, "_replica_resume", None) is not None:
-        store._replica_resume = None  # type: ignore[attr-defined]
+        store._replica_resume = None
 

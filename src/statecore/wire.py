@@ -120,7 +120,7 @@ class RecvBuffer:
     def take(self, n: int) -> memoryview:
         if self._mem.size < n:
             self._mem = np.empty(max(n, self._mem.size * 3 // 2), dtype=np.uint8)
-        return memoryview(self._mem)[:n]
+        return self._mem.data[:n]
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:

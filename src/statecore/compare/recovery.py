@@ -85,7 +85,7 @@ def _lmdb(run: Run) -> Dict[str, Any]:
     env = lmdb.open(path, readonly=True, lock=False, subdir=True)
     try:
         dst = np.empty(run.size, dtype=np.uint8)
-        mv = memoryview(dst)
+        mv = dst.data
         n = lmdb_peer.read_values(env, mv)
         secs = now() - t0
         mv.release()

@@ -101,10 +101,11 @@ class RawLink:
         except OSError as e:
             self.error = e
 
-    def transfer(self) -> None:
-        """Have the sender send once; return when every byte has been received."""
+    def transfer(self, into: Optional[memoryview] = None) -> None:
+        """Have the sender send once; return when every byte has been received (into the
+        link's own touched buffer, or `into`)."""
         self._go.release()
-        got, view, n = 0, self.view, self.nbytes
+        got, view, n = 0, self.view if into is None else into, self.nbytes
         while got < n:
             k = self._rx.recv_into(view[got:], n - got)
             if k == 0:
@@ -178,6 +179,24 @@ def _full_sync(scale: Scale) -> Iterator[Case]:
 def _full_sync_raw(scale: Scale) -> Iterator[Case]:
     n_pages = rscale(scale).full_sync // PAGE
     yield from _raw_case(scale, frame_bytes(n_pages), 5)
+
+
+@case("replica.full_sync_raw_fresh")
+def _full_sync_raw_fresh(scale: Scale) -> Iterator[Case]:
+    """Raw TCP received into fresh memory, as a new replica's store is: every page the
+    receive touches is mapped and zeroed by the kernel first."""
+    link = RawLink(frame_bytes(rscale(scale).full_sync // PAGE))
+    try:
+        link.transfer()  # connection warmed up
+        c = Case(run=None, rounds=W.rounds(scale, 5), warmup=1)  # type: ignore[arg-type]
+        c.setup = lambda: (np.empty(link.nbytes, dtype=np.uint8).data,)  # not touched
+        c.run = link.transfer
+        c.teardown = lambda buf: (buf.release(), free_memory())
+        yield c
+    finally:
+        link.close()
+        del link
+        free_memory()
 
 
 # ---- delta streaming ---------------------------------------------------------------------------
@@ -338,6 +357,10 @@ ROWS: List[Row] = [
                 "same bytes"),
         ("replica.full_sync", T), ("replica.full_sync_raw", T), 2.0,
         "brief: replication at no less than half the speed of the socket"),
+    Row(5, _lbl("(info) full sync of {fs} to a fresh Follower vs raw TCP of the same bytes "
+                "into fresh memory (the kernel maps and zeroes each page, as for a new "
+                "replica's store)"),
+        ("replica.full_sync", T), ("replica.full_sync_raw_fresh", T), None),
     Row(5, _lbl("delta streaming: {sc} publishes of {sp} of changed pages ({ss}) to a "
                 "caught-up Follower vs raw TCP of the same bytes"),
         ("replica.stream", T), ("replica.stream_raw", T), 2.0,

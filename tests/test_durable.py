@@ -659,3 +659,74 @@ def test_no_provable_state_raises_and_leaves_the_directory_alone(tmp_path, opene
         with pytest.raises(sc.CorruptCheckpoint, match="cannot be proven"):
             sc.DurableStore(d)
     assert files_fingerprint(d) == before
+
+
+# ---- deltas applied to a durable store ---------------------------------------------------------
+def _crash_copy(ds: sc.DurableStore, tmp_path, name: str = "crashed") -> str:
+    """The directory as a power cut would leave it now: what is on disk, the open store's
+    memory lost."""
+    import shutil
+    dst = str(tmp_path / name)
+    shutil.copytree(ds.directory, dst)
+    return dst
+
+
+def _source_deltas():
+    """Deltas (0, a] and (a, b] of another store, and its bytes at b."""
+    src = sc.Store(size=SIZE, page_size=PS)
+    try:
+        src.write(PS * 3, b"first")
+        with src.snapshot() as a:
+            src.write(PS * 3 + 100, b"second")
+            src.write(PS * 9, b"ninth page")
+            with src.snapshot() as b:
+                return src.delta(0, a), src.delta(a, b), src.read(0, SIZE)
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("how", ["apply", "replay"])
+def test_applied_deltas_are_durable_once_applied(tmp_path, opened, how):
+    """Applied pages keep the versions they have in the delta, which can lie below the
+    last commit: a commit would skip them. apply and replay journal the deltas instead."""
+    first, second, expected = _source_deltas()
+    ds = opened(tmp_path / "d", size=SIZE, page_size=PS)
+    for _ in range(3):  # the store's own epochs run ahead of the source's
+        ds.write(0, b"local")
+        ds.commit()
+    if how == "apply":
+        assert ds.apply(first) == 1
+        assert ds.apply(second.encode()) == 2
+    else:
+        sc.replay(ds, [second, first])
+    assert ds.read(PS, SIZE - PS) == expected[PS:]
+    crashed = opened(_crash_copy(ds, tmp_path))
+    assert crashed.read(0, 5) == b"local"
+    assert crashed.read(PS, SIZE - PS) == expected[PS:]
+    assert crashed.recovery.committed_epoch == ds.committed_epoch
+
+
+def test_local_writes_and_applied_deltas_interleave_durably(tmp_path, opened):
+    """Writes not yet committed, and epochs closed by snapshots alone, are committed
+    before an applied delta's record, so recovery replays both in order."""
+    first, second, expected = _source_deltas()
+    ds = opened(tmp_path / "d", size=SIZE, page_size=PS)
+    ds.write(0, b"before")        # not committed
+    with ds.snapshot(), ds.snapshot():
+        pass                       # epochs closed, nothing committed
+    ds.apply(first)
+    ds.write(PS * 12, b"between")
+    ds.apply(second)
+    ds.write(PS * 13, b"after")    # committed by close
+    ds.close()
+    again = opened(tmp_path / "d")
+    assert again.read(0, 6) == b"before"
+    assert again.read(PS * 12, 7) == b"between" and again.read(PS * 13, 5) == b"after"
+    assert again.read(PS * 3, PS) == expected[PS * 3:PS * 4]
+    assert again.read(PS * 9, PS) == expected[PS * 9:PS * 10]
+    # Applying them again changes nothing, and stays so after a reopen.
+    epoch = again.committed_epoch
+    assert again.apply(first) == 0 and again.apply(second) == 0
+    crashed = opened(_crash_copy(again, tmp_path))
+    assert crashed.read(0, SIZE) == again.read(0, SIZE)
+    assert crashed.recovery.committed_epoch >= epoch

@@ -659,3 +659,118 @@ def test_failure_after_the_migration_commit_does_not_migrate_twice(tmp_path, mon
         assert calls == [1], "migrated twice"
         assert ds.schema_version == 2
         assert ds.read(0, 3) == b"new"
+
+
+def test_a_failed_cut_back_makes_the_journal_unusable_not_lossy(store_dir, monkeypatch):
+    """A torn record that cannot be cut away stops recovery: any record after it would be
+    lost although its commit returned, so no commit may follow it."""
+    d, ds, model, rng = store_dir
+    last = ds.committed_epoch
+    real_write = os.write
+
+    def writev(fd, buffers):
+        data = b"".join(bytes(b) for b in buffers)
+        return real_write(fd, data[:len(data) // 2])
+
+    def fail(*args):
+        raise OSError(errno.EIO, "I/O error (injected)")
+
+    monkeypatch.setattr(journal.os, "writev", writev)
+    monkeypatch.setattr(journal.os, "write", fail)
+    monkeypatch.setattr(journal.os, "ftruncate", fail)
+    random_writes(rng, ds, model, 3)
+    with pytest.raises(OSError):
+        ds.commit()
+    monkeypatch.undo()
+    for attempt in (ds.commit, ds.checkpoint):
+        with pytest.raises(sc.StateError, match="could not be cut back"):
+            attempt()
+    ds.close()  # commits nothing more: the journal is unusable
+    with sc.DurableStore(d) as again:
+        assert again.recovery.committed_epoch == last
+        assert state_hash(again) == model.at[last]
+
+
+def test_a_new_segment_is_durable_in_its_directory_before_a_commit_returns(tmp_path,
+                                                                           monkeypatch):
+    """fdatasync makes a record durable, not the name of the file holding it: a segment's
+    directory entry, and the store's directory itself, are fsynced when created."""
+    synced = []
+    real = journal.fsync_directory
+
+    def spy(path):
+        synced.append(os.path.basename(path))
+        real(path)
+
+    monkeypatch.setattr(journal, "fsync_directory", spy)
+    import statecore.durable as durable
+    monkeypatch.setattr(durable, "fsync_directory", spy)
+    d = tmp_path / "new" / "store"
+    ds = sc.DurableStore(d, size=SIZE, page_size=PS)
+    try:
+        assert "new" in synced and "store" in synced  # both directories created here
+        assert journal.segment_name(0) in synced
+        synced.clear()
+        ds.write(0, b"x")
+        ds.commit()
+        e = ds.checkpoint().result()
+        assert journal.segment_name(e) in synced  # the rotated segment too
+    finally:
+        ds.close()
+
+
+def test_a_failed_open_leaks_no_file_descriptor(tmp_path):
+    d = tmp_path / "d"
+    with sc.DurableStore(d, size=SIZE, page_size=PS, schema_version=2):
+        pass
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(sc.SchemaMismatch):
+            sc.DurableStore(d, schema_version=1)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_close_refused_for_an_exported_buffer_changes_nothing(tmp_path):
+    d = tmp_path / "d"
+    ds = sc.DurableStore(d, size=SIZE, page_size=PS)
+    ds.write(0, b"one")
+    view = memoryview(ds)
+    with pytest.raises(BufferError):
+        ds.close()
+    ds.write(100, b"two")  # still open, and still committing
+    e = ds.commit()
+    view.release()
+    ds.close()
+    with sc.DurableStore(d) as again:
+        assert again.recovery.committed_epoch == e
+        assert again.read(0, 3) == b"one" and again.read(100, 3) == b"two"
+
+
+def test_a_rebuilt_manifest_keeps_the_identity_the_journal_records(tmp_path):
+    """Followers know a store by its identity: without a checkpoint, the journal's
+    records give it back when the manifest is rebuilt."""
+    d = tmp_path / "d"
+    with sc.DurableStore(d, size=SIZE, page_size=PS) as ds:
+        ds.write(0, b"hello")
+        ds.commit()
+        uuid = ds.uuid
+    os.unlink(os.path.join(d, MANIFEST_NAME))
+    with sc.DurableStore(d, size=SIZE, page_size=PS) as ds:
+        assert ds.uuid == uuid
+        assert ds.read(0, 5) == b"hello"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("size", "65536"), ("size", -512), ("page_size", 0), ("page_size", 1000),
+    ("uuid", "zz"), ("uuid", None), ("checkpoints", ["7"]), ("checkpoints", [5, 3]),
+    ("segments", None), ("segments", []), ("replica_epochs", []),
+    ("replica_epochs", {"1": "x"}), ("schema_version", True)])
+def test_manifest_fields_that_make_no_sense_are_corrupt_data(tmp_path, field, value):
+    """The manifest's checksum says its bytes are the ones written, not that they make
+    sense: each field is checked, and a bad one is damage (rebuilt from the files)."""
+    from statecore.manifest import Manifest
+    good = Manifest(size=SIZE, page_size=PS, uuid="ab" * 16, segments=[0])
+    raw = {**good.__dict__, field: value}
+    with pytest.raises(sc.CorruptData, match="manifest fields invalid"):
+        Manifest.decode(Manifest(**raw).encode())
+    assert Manifest.decode(good.encode()) == good

@@ -9,14 +9,15 @@ import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, List, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional
 
 from . import errors
 from ._args import DEFAULT_PAGE_SIZE, as_int, check_page_size, check_size
 from .checkpoint import fsync_directory
-from .delta import Delta
+from .delta import Delta, as_delta, retargeted
 from .snapshot import Snapshot
-from .journal import FLAG_REPLICATED, JournalWriter, segment_name
+from .journal import FLAG_REPLICATED, JournalWriter, read_segment, segment_name
 from .manifest import NAME as MANIFEST_NAME
 from .manifest import (Manifest, checkpoint_name, read_manifest, scan_directory,
                        write_manifest)
@@ -54,14 +55,12 @@ class DurableStore(Store):
         self.keep_checkpoints = as_int("keep_checkpoints", keep_checkpoints)
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        _make_directory(self.directory)
         self._lock_fd = _lock_directory(self.directory)
         try:
             self._open_directory(size, page_size, schema_version, migrate, progress)
         except BaseException:
-            if not self.closed:
-                Store.close(self)
-            os.close(self._lock_fd)
+            self._close_resources()
             raise
 
     # ---- opening -----------------------------------------------------------------------
@@ -133,22 +132,38 @@ class DurableStore(Store):
             raise errors.CorruptData(f"{self.directory!r}: {why}, and no size was given to "
                                      "rebuild it: pass size= and page_size=")
         ps = check_page_size(page_size) if page_size is not None else DEFAULT_PAGE_SIZE
-        uuid = self._uuid_from_files(ckpts) or os.urandom(16).hex()
+        uuid = self._uuid_from_files(ckpts, segs) or os.urandom(16).hex()
         manifest = Manifest(size=check_size(size, ps), page_size=ps, uuid=uuid,
                             checkpoints=ckpts, segments=segs or [0])
         note = Discarded("MANIFEST", f"{why}; rebuilt from the directory listing "
                          f"({len(ckpts)} checkpoints, {len(segs)} journal segments)")
         return manifest, [note]
 
-    def _uuid_from_files(self, ckpts: List[int]) -> Optional[str]:
+    def _uuid_from_files(self, ckpts: List[int], segs: List[int]) -> Optional[str]:
+        """The store's identity as its files record it: a checkpoint's header that passes
+        its checksum, else the first valid journal record (followers know the store by it:
+        a new one would make every follower start over)."""
         from . import _core
         for epoch in reversed(ckpts):
             try:
                 with open(os.path.join(self.directory, checkpoint_name(epoch)), "rb") as f:
                     head = f.read(_core.HEADER_SIZE)
-                return head[72:88].hex() if len(head) == _core.HEADER_SIZE else None
             except OSError:
                 continue
+            if len(head) == _core.HEADER_SIZE and \
+                    _core.page_checksum(head[:120]) == int.from_bytes(head[120:], "little"):
+                return head[72:88].hex()
+        for start in segs:
+            try:
+                records, _, mm = read_segment(os.path.join(self.directory, segment_name(start)))
+            except (OSError, errors.StateError):
+                continue
+            uuid = records[0][0].store_uuid.hex() if records else None
+            del records
+            if mm is not None:
+                mm.close()
+            if uuid:
+                return uuid
         return None
 
     def _check_geometry(self, manifest: Manifest, size: Optional[int],
@@ -238,8 +253,9 @@ class DurableStore(Store):
     # ---- commits -------------------------------------------------------------------------
     def _usable(self) -> None:
         self._check()
-        if self._broken:
-            raise errors.StateError(f"journal unusable: {self._broken}; reopen the directory "
+        broken = self._broken or self._journal.broken
+        if broken:
+            raise errors.StateError(f"journal unusable: {broken}; reopen the directory "
                                     "to recover the last durable state")
 
     def commit(self) -> int:
@@ -332,7 +348,7 @@ class DurableStore(Store):
         restarted follower resumes from the primary epoch it reached."""
         self._usable()
         with self._append_lock:
-            written = self.apply(delta)
+            written = Store.apply(self, delta)
             self._journal.append(delta.encode(), FLAG_REPLICATED)
             self._last_commit = max(self._last_commit, delta.target_epoch)
             self._writes_at_commit = self._stats()["pages_written"]
@@ -341,6 +357,44 @@ class DurableStore(Store):
         self._wait_durable(ticket)
         self._replica_epoch = max(self._replica_epoch, delta.target_epoch)
         return written
+
+    # ---- deltas applied by the user -------------------------------------------------------
+    def apply(self, delta: Any, *, allow_gap: bool = False) -> int:
+        """Store.apply, durable when it returns: the delta is journaled (see
+        _journaled_apply)."""
+        with self._journaled_apply() as applied:
+            d = as_delta(delta)
+            written = Store.apply(self, d, allow_gap=allow_gap)
+            applied.append(d)
+        return written
+
+    @contextmanager
+    def _journaled_apply(self) -> Iterator[List[Delta]]:
+        """Around applying deltas (apply, sc.replay): the caller lists what it applied,
+        and each is journaled before this exits, durable. A commit would not carry their
+        pages: they keep the versions they have in the deltas, which may lie below the
+        last commit. Each record is the delta itself with its target raised to an epoch
+        closed for it, so recovery replays it after everything committed before."""
+        if not hasattr(self, "_journal"):  # recovery, while opening: nothing to journal
+            yield []
+            return
+        self._usable()
+        applied: List[Delta] = []
+        with self._append_lock:
+            if (self.epoch - 1 > self._last_commit
+                    or self._stats()["pages_written"] != self._writes_at_commit):
+                self._append_commit()  # the records below must chain after local writes
+            yield applied
+            for d in applied:
+                snap = self.snapshot()  # closes the epoch this record ends at
+                snap.release()
+                head, pages = retargeted(d, snap.epoch)
+                self._journal.append(head, 0, pages)
+                self._last_commit = snap.epoch
+                self._appended += 1
+            self._writes_at_commit = self._stats()["pages_written"]
+            ticket = self._appended
+        self._wait_durable(ticket)
 
     def adopt_identity(self, uuid: bytes) -> None:
         """Take a primary's identity before a full sync (a fresh follower only)."""
@@ -387,7 +441,6 @@ class DurableStore(Store):
             raise
         old = self._journal
         self._journal = new
-        fsync_directory(self._journal.path)
         old.close()
 
     def _write_checkpoint(self, snap: Any, replica_epoch: int,
@@ -428,25 +481,53 @@ class DurableStore(Store):
 
     # ---- closing ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Commit what was written, finish running checkpoints, and close."""
+        """Commit what was written, finish running checkpoints, and close. Raises
+        BufferError, changing nothing, while a buffer over the store is exported."""
         if self.closed:
             return
+        if self._exports_count:
+            # Checked first: refused halfway, the store would stay open without a journal.
+            raise BufferError(f"cannot close: {self._exports_count} buffer(s) still exported "
+                              "(release memoryviews / numpy arrays over the store first)")
         try:
-            if not self._broken and self._stats()["pages_written"] != self._writes_at_commit:
+            broken = self._broken or self._journal.broken
+            if not broken and self._stats()["pages_written"] != self._writes_at_commit:
                 self.commit()
             for fut in self._pending:
                 fut.exception()  # wait; a failed checkpoint leaves the journal in charge
         finally:
-            self._checkpointer.shutdown(wait=True)
-            self._journal.close()
+            self._close_resources()
+
+    def _close_resources(self) -> None:
+        """Everything an open (or a failed one) may hold, each closed once."""
+        checkpointer = getattr(self, "_checkpointer", None)
+        if checkpointer is not None:
+            checkpointer.shutdown(wait=True)
+        journal = getattr(self, "_journal", None)
+        if journal is not None:
+            journal.close()
+        if not self.closed:
             Store.close(self)
-            os.close(self._lock_fd)
+        os.close(self._lock_fd)
 
     def __repr__(self) -> str:
         if self.closed:
             return "<DurableStore closed>"
         return (f"<DurableStore {self.directory!r} size={self.size} page_size={self.page_size} "
                 f"epoch={self.epoch} committed={self._last_commit}>")
+
+
+def _make_directory(directory: str) -> None:
+    """Create the store's directory (and parents) so that its name survives a power cut
+    before the first commit returns."""
+    missing = []
+    path = os.path.abspath(directory)
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    for created in reversed(missing):
+        fsync_directory(created)  # the entry for `created`, in its parent
 
 
 def _unlink_quietly(path: str) -> None:

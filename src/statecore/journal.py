@@ -11,9 +11,10 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 from . import _core, errors
+from .checkpoint import fsync_directory
 from .delta import Delta
 
 MAGIC = b"SCJR"
@@ -30,8 +31,11 @@ def _digest_prefix(delta_bytes: memoryview) -> int:
     return _core.page_checksum(delta_bytes[:end])
 
 
-def frame(delta_bytes: memoryview, flags: int = 0) -> bytes:
-    head = FRAME.pack(MAGIC, FORMAT_VERSION, flags, len(delta_bytes),
+def frame(delta_bytes: memoryview, flags: int = 0, length: Optional[int] = None) -> bytes:
+    """The record header; with `length`, delta_bytes is the start of a longer record and
+    holds at least its header and index."""
+    head = FRAME.pack(MAGIC, FORMAT_VERSION, flags,
+                      len(delta_bytes) if length is None else length,
                       _digest_prefix(delta_bytes), 0)
     return head[:24] + struct.pack("<Q", _core.page_checksum(head[:24]))
 
@@ -53,19 +57,35 @@ class JournalWriter:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.broken: Optional[str] = None  # why no record may be appended any more
+        created = not os.path.exists(path)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self.size = os.fstat(self.fd).st_size
+        try:
+            self.size = os.fstat(self.fd).st_size
+            if created:
+                # The file's name must be durable before a record in it is called durable
+                # (fdatasync covers the data, not the directory entry).
+                fsync_directory(path)
+        except BaseException:
+            self.close()
+            raise
 
-    def append(self, delta_bytes: memoryview, flags: int = 0) -> int:
-        """Write one record (header + the delta buffer itself, no copy). On failure the
-        segment is cut back so a half-written record never precedes later ones."""
-        head = frame(delta_bytes, flags)
-        total = len(head) + len(delta_bytes)
+    def append(self, delta_bytes: Any, flags: int = 0, *more: Any) -> int:
+        """Write one record: header, then the encoded delta, given whole or as pieces
+        (`more` after the first, which holds its header and index), none copied. On
+        failure the segment is cut back so a half-written record never precedes later
+        ones."""
+        if self.broken:
+            raise errors.StateError(f"journal unusable: {self.broken}")
+        pieces = [memoryview(p).cast("B") for p in (delta_bytes, *more)]
+        length = sum(p.nbytes for p in pieces)
+        head = frame(pieces[0], flags, length)
+        total = len(head) + length
         start = self.size
         try:
-            written = os.writev(self.fd, [head, delta_bytes])
+            written = os.writev(self.fd, [head, *pieces])
             while written < total:  # short write: finish it from where it stopped
-                rest = (head + bytes(delta_bytes))[written:]
+                rest = b"".join([head, *pieces])[written:]
                 written += os.write(self.fd, rest)
         except BaseException:
             self._cut_back(start)
@@ -76,8 +96,10 @@ class JournalWriter:
     def _cut_back(self, size: int) -> None:
         try:
             os.ftruncate(self.fd, size)
-        except OSError:
-            pass  # recovery cuts a torn tail anyway
+        except OSError as e:
+            # A torn record stays in the segment. Recovery stops at it, so a record
+            # appended after it would be lost although its commit returned: append no more.
+            self.broken = f"a failed append could not be cut back ({e})"
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

@@ -57,10 +57,42 @@ class Manifest:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise errors.UnsupportedFormat(
                 f"manifest format {version} is newer than this statecore reads ({FORMAT_VERSION})")
+        if not isinstance(raw, dict):
+            raise errors.CorruptData("manifest body is not a JSON object")
         try:
-            return cls(**raw)
+            manifest = cls(**raw)
         except TypeError as e:
             raise errors.CorruptData(f"manifest fields invalid: {e}") from None
+        problem = manifest._invalid()
+        if problem:
+            raise errors.CorruptData(f"manifest fields invalid: {problem}")
+        return manifest
+
+    def _invalid(self) -> str:
+        """What is wrong with fields read from disk (the checksum says they are what was
+        written, not that a writer wrote sense), or ""."""
+        if not all(_is_uint(v) for v in (self.size, self.page_size, self.schema_version)):
+            return "size, page_size and schema_version must be non-negative integers"
+        ps = self.page_size
+        if not (512 <= ps <= 1 << 20 and ps & (ps - 1) == 0) or not self.size or self.size % ps:
+            return f"size {self.size} / page_size {ps} is not a store's geometry"
+        if not isinstance(self.uuid, str) or not re.fullmatch(r"[0-9a-f]{32}", self.uuid):
+            return "uuid must be 32 hex digits"
+        for name in ("checkpoints", "segments"):
+            epochs = getattr(self, name)
+            if not isinstance(epochs, list) or not all(_is_uint(e) for e in epochs) \
+                    or epochs != sorted(set(epochs)):
+                return f"{name} must be increasing non-negative integers"
+        if not self.segments:
+            return "no journal segment listed"
+        if not isinstance(self.replica_epochs, dict) or not all(
+                isinstance(k, str) and _is_uint(v) for k, v in self.replica_epochs.items()):
+            return "replica_epochs must map epochs to non-negative integers"
+        return ""
+
+
+def _is_uint(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def write_manifest(directory: str, manifest: Manifest) -> None:

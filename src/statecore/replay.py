@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
@@ -41,13 +42,17 @@ def replay(store: "Store", deltas: Iterable[Any], *, allow_gap: bool = False,
     # gap that the set as a whole does not have (target order would put a delta nested
     # in an earlier, wider one first and call it a gap).
     ds = sorted((as_delta(d) for d in deltas), key=lambda d: (d.base_epoch, d.target_epoch))
-    store._begin_write()
-    try:
-        with reporting(progress) as counter:
-            pages_in, written, superseded, skipped = store._replay(
-                [d._view for d in ds], bool(allow_gap), int(threads), counter)
-    finally:
-        store._write_lock.release()
+    # A DurableStore journals what is applied to it (durable.py).
+    journaled = getattr(store, "_journaled_apply", None)
+    with (journaled() if journaled is not None else nullcontext([])) as applied:
+        store._begin_write()
+        try:
+            with reporting(progress) as counter:
+                pages_in, written, superseded, skipped = store._replay(
+                    [d._view for d in ds], bool(allow_gap), int(threads), counter)
+        finally:
+            store._write_lock.release()
+        applied.extend(ds)
     nbytes = written * store.page_size
     stats = ReplayStats(deltas=len(ds), pages=written, bytes=nbytes, pages_in=pages_in,
                         pages_superseded=superseded, pages_skipped=skipped,

@@ -594,6 +594,8 @@ ATTACKS: Dict[str, Tuple[Callable[[socket.socket], None], str]] = {
         "failed authentication"),
     "AUTH numeric MAC": (_hello_then(lambda f, p: good_auth(f, p, mac=7)),
                          "failed authentication"),
+    "AUTH non-ASCII MAC": (_hello_then(lambda f, p: good_auth(f, p, mac="\u00e9" * 64)),
+                           "failed authentication"),
     "AUTH garbage": (_hello_then(None, raw=os.urandom(100)), "bad magic"),
     "AUTH bad epoch": (_hello_then(lambda f, p: good_auth(f, p, epoch="x", fresh=False)),
                        "invalid epoch"),
@@ -608,6 +610,16 @@ ATTACKS: Dict[str, Tuple[Callable[[socket.socket], None], str]] = {
                              "unexpected DELTA from follower"),
     "oversized ACK": (_after_welcome(raw_header(wire.ACK, 2**33)), "exceeds the limit"),
 }
+
+
+def test_check_mac_refuses_anything_but_the_right_ascii_string():
+    a, b = os.urandom(16), os.urandom(16)
+    good = wire.mac(SECRET, b"F", a, b)
+    assert wire.check_mac(SECRET, b"F", a, b, good)
+    # A peer's JSON can hold any type; compare_digest raises TypeError on non-ASCII text.
+    for got in ("\u00e9" * 64, good[:-1] + "\u00e9", "\x00" * 64, good.encode(), None, 7,
+                [good], {"mac": good}, "", good.upper()):
+        assert wire.check_mac(SECRET, b"F", a, b, got) is False, got
 
 
 @pytest.mark.parametrize("case", sorted(ATTACKS))
@@ -751,6 +763,8 @@ PRIMARY_ATTACKS = {
                                        c.sendall(control(wire.CHALLENGE, {"nonce": "x"}))),
                             wire.ProtocolError),
     "WELCOME without MAC": (_welcome_then(lambda c: None, mac=""), sc.AuthenticationError),
+    "WELCOME non-ASCII MAC": (_welcome_then(lambda c: None, mac="\u00e9" * 64),
+                              sc.AuthenticationError),
     "WELCOME without identity": (_welcome_then(lambda c: None, uuid=None), wire.ProtocolError),
     "WELCOME bad identity": (_welcome_then(lambda c: None, uuid="zz"), wire.ProtocolError),
     "DELTA garbage": (_welcome_then(lambda c: c.sendall(frame(wire.DELTA, os.urandom(300)))),

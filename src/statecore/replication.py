@@ -13,7 +13,18 @@ Handshake (control frames are JSON):
   P->F WELCOME {mac, uuid, mode: "deltas"|"full", since}   or ERROR {message}
   then P->F DELTA frames (encoded deltas) or, for a large delta to a follower that gave
   part_pages, PART frames (see transfer.py); F->P ACK {epoch}, PING both ways when idle.
-With a secret, each side proves it with HMAC-SHA256 over both nonces before any state flows.
+With a secret, each side proves that it knows it (HMAC-SHA256 over both nonces and its
+role) before any state flows: a peer without it gets nothing and applies nothing. That is
+all a secret does. The frames after the handshake carry checksums against corruption, not
+MACs, and nothing is encrypted: an attacker on the network path can read the state, and
+alter or inject frames (a DELTA of its own) once the handshake has passed. Confidentiality
+and integrity against such an attacker need ssl= (TLS); a secret on top of TLS still
+decides which peers may replicate.
+
+States: a session (Primary.followers) and a Follower are "syncing" from a WELCOME in
+"full" mode until the full sync is sent (primary) or applied (follower), "streaming"
+otherwise once connected. A Follower that stops for good is "failed" (its error says why),
+one closed by close() is "closed".
 """
 from __future__ import annotations
 
@@ -121,6 +132,8 @@ class Primary:
     # ---- publication --------------------------------------------------------------------
     def publish(self) -> int:
         """Snapshot a plain Store now and stream it to followers; returns its epoch."""
+        if self._closed:
+            raise errors.StateError("primary is closed: publish() has no follower to serve")
         with self.store.snapshot() as snap:
             self._publish(snap, None)
         return snap.epoch
@@ -137,9 +150,15 @@ class Primary:
         if floor:
             snap._set_floor(floor)  # raised before any sender can read it
         pub = _Publication(snap, delta, floor)
+        old: Optional[_Publication]
         with self._cond:
-            old, self._pub = self._pub, pub
-            self._cond.notify_all()
+            if self._closed or (self._pub is not None and pub.epoch <= self._pub.epoch):
+                # Closed: nobody would ever release it. Not newer: concurrent commits run
+                # their listeners in any order, and followers must never be taken back.
+                old = pub
+            else:
+                old, self._pub = self._pub, pub
+                self._cond.notify_all()
         if old is not None:
             old.drop()
 
@@ -176,9 +195,10 @@ class Primary:
 
     def close(self) -> None:
         """Stop serving and disconnect every follower."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._cond:  # _publish decides under it: none is installed after this
+            if self._closed:
+                return
+            self._closed = True
         from .durable import DurableStore
         if isinstance(self.store, DurableStore):
             self.store.remove_commit_listener(self._on_commit)
@@ -194,9 +214,10 @@ class Primary:
             s.stop()
         for s in sessions:
             s.join(timeout=5)
-        if self._pub is not None:
-            self._pub.drop()
-            self._pub = None
+        with self._cond:
+            pub, self._pub = self._pub, None
+        if pub is not None:
+            pub.drop()
 
     def __enter__(self) -> "Primary":
         return self
@@ -241,19 +262,21 @@ class _Session(threading.Thread):
 
     def stop(self) -> None:
         self._halt.set()
-        try:
-            self.conn.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        _shutdown(self.conn)
 
     def run(self) -> None:
         try:
             self.conn.settimeout(HANDSHAKE_TIMEOUT)  # before the TLS handshake too
             if self.primary._ssl is not None:
-                self.conn = self.primary._ssl.wrap_socket(self.conn, server_side=True)
+                # Wrapped first, handshake after: stop() then shuts down the socket the
+                # handshake reads (wrapping detaches the plain one).
+                self.conn = self.primary._ssl.wrap_socket(self.conn, server_side=True,
+                                                          do_handshake_on_connect=False)
+                if self._halt.is_set():
+                    return
+                self.conn.do_handshake()
             self._handshake()
             self.conn.settimeout(None)
-            self.state = "streaming"
             threading.Thread(target=self._read_acks, daemon=True,
                              name=f"statecore-acks-{self.addr}").start()
             self._send_loop()
@@ -262,8 +285,16 @@ class _Session(threading.Thread):
                 self.error = str(e)
                 level = logging.WARNING if isinstance(e, errors.StateError) else logging.INFO
                 log.log(level, "statecore: follower %s: %s", self.addr, e)
+        except Exception as e:  # a bug, not the peer: reported, never a silent thread death
+            self.error = f"internal error: {type(e).__name__}: {e}"
+            log.exception("statecore: follower %s: session failed", self.addr)
         finally:
             self.state = "closed"
+            # Shut down first: the acknowledgement reader blocks on this socket, and a
+            # close() alone sends no FIN until its recv returns, so the follower would
+            # learn of the end only from its ping timeout. Halted too, so that the reader
+            # does not report the hang-up in place of the error that caused it.
+            self.stop()
             try:
                 self.conn.close()
             except OSError:
@@ -351,6 +382,8 @@ class _Session(threading.Thread):
         wire.send_frame(self.conn, ftype, *pieces)
         if last_of is not None:
             self.sent = last_of
+            if self.state == "syncing":
+                self.state = "streaming"  # the full sync's last frame is on its way
 
     def _send_to(self, pub: _Publication) -> None:
         """delta(sent, pub] built from the published snapshot: one frame from a reused
@@ -390,6 +423,10 @@ class _Session(threading.Thread):
             if not self._halt.is_set():
                 self.error = str(e)  # reported by Primary.followers
                 log.info("statecore: follower %s disconnected: %s", self.addr, e)
+            self.stop()
+        except Exception as e:  # a bug: reported, and the session ends with it
+            self.error = f"internal error: {type(e).__name__}: {e}"
+            log.exception("statecore: follower %s: acknowledgement reader failed", self.addr)
             self.stop()
 
     def _acknowledge(self, epoch: int) -> None:
@@ -451,14 +488,12 @@ class Follower:
         self.bytes_received = 0
         self.deltas_applied = 0
         self.parts_received = 0
-        # Large deltas in parts (applied while the rest is on the wire) for stores that
-        # apply in memory; a DurableStore journals each delta whole, so it takes them whole.
-        self._part_pages = (0 if hasattr(store, "apply_replicated")
-                            else part_pages_for(store.page_size))
+        self._part_pages = 0 if _takes_deltas_whole(store) else part_pages_for(store.page_size)
         self._epoch = _resume_epoch(store)
         # Until a primary has accepted us, the epoch is only what the store claims to hold:
         # wait_for must not report a state the primary never confirmed.
         self._confirmed = False
+        self._failed = False  # stopped for good by an error (state "failed" until close())
         self._thread = threading.Thread(target=self._run, name="statecore-follower", daemon=True)
         self._thread.start()
 
@@ -469,17 +504,26 @@ class Follower:
 
     def wait_for(self, epoch: int, timeout: Optional[float] = None) -> bool:
         """Block until the follower has applied `epoch`. Raises TimeoutError after
-        `timeout` seconds, or the error that stopped the follower."""
+        `timeout` seconds, the error that stopped the follower, or StateError once it is
+        closed without having reached `epoch`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._epoch < epoch or not self._confirmed:
-                if self.error is not None and not self._thread.is_alive():
-                    raise self.error
+                self._raise_if_stopped(epoch)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"follower at epoch {self._epoch}, waited for {epoch}")
                 self._cond.wait(timeout=0.1 if left is None else min(left, 0.1))
         return True
+
+    def _raise_if_stopped(self, epoch: int) -> None:
+        """Raise why `epoch` will never come, if the follower stopped (called under _cond,
+        which _fail and close notify)."""
+        if self._failed and self.error is not None:
+            raise self.error
+        if self._stop.is_set() or not self._thread.is_alive():
+            raise errors.StateError(f"follower closed at epoch {self._epoch} before reaching "
+                                    f"epoch {epoch}")
 
     def status(self) -> Dict[str, Any]:
         return {"state": self.state, "epoch": self._epoch, "connects": self.connects,
@@ -491,10 +535,9 @@ class Follower:
         self._stop.set()
         sock = self._sock
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown(sock)
+        with self._cond:  # waiters give up now, not at their timeout (or never)
+            self._cond.notify_all()
         self._thread.join(timeout=10)
         self.state = "closed"
 
@@ -524,26 +567,40 @@ class Follower:
                 if not self._reconnect:
                     self._fail(e)
                     return
+            except Exception as e:
+                # A bug, or an on_apply callback that raised: retrying would repeat it.
+                # Recorded like a refusal, never a silent death that leaves waiters hanging.
+                if self._stop.is_set():
+                    return
+                self._fail(e, unexpected=True)
+                return
             self.state = "reconnecting"
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 2.0)
 
-    def _fail(self, e: BaseException) -> None:
-        self.error = _kept(e)
-        self.state = "failed"
-        log.warning("statecore: follower of %s:%d stopped: %s", *self.address, e)
+    def _fail(self, e: BaseException, unexpected: bool = False) -> None:
+        log.warning("statecore: follower of %s:%d stopped: %s", *self.address, e,
+                    exc_info=e if unexpected else None)
         with self._cond:
+            self.error = _kept(e)
+            self.state = "failed"
+            self._failed = True
             self._cond.notify_all()
 
     def _session(self) -> None:
         sock = socket.create_connection(self.address, timeout=HANDSHAKE_TIMEOUT)
+        tls: Optional[_ssl.SSLSocket] = None
         if self._ssl is not None:
-            sock = self._ssl.wrap_socket(sock, server_hostname=self._hostname)
+            # Handshake after self._sock is set: close() must be able to interrupt it.
+            sock = tls = self._ssl.wrap_socket(sock, server_hostname=self._hostname,
+                                               do_handshake_on_connect=False)
         self._sock = sock
         parts: Optional[PartApplier] = None
         try:
             if self._stop.is_set():
                 return
+            if tls is not None:
+                tls.do_handshake()
             self.connects += 1
             limit = wire.delta_frame_limit(self.store.size, self.store.page_size)
             reuse = wire.RecvBuffer()
@@ -552,7 +609,6 @@ class Follower:
                                     lambda: _shutdown(sock))
             self._handshake(sock)
             sock.settimeout(PING_INTERVAL * 5)  # the primary pings when idle
-            self.state = "streaming"
             self.error = None
             try:
                 self._receive(sock, limit, reuse, parts)
@@ -606,9 +662,10 @@ class Follower:
         if self._secret is not None and not wire.check_mac(self._secret, b"P", f_nonce,
                                                            p_nonce, welcome.get("mac")):
             raise wire.AuthenticationError("primary failed to prove the shared secret")
-        if welcome.get("mode") == "full":
-            self.state = "syncing"
+        full = welcome.get("mode") == "full"
+        if full:
             _adopt_identity(store, _uuid_of(welcome))
+        self.state = "syncing" if full else "streaming"  # syncing until the sync is applied
         with self._cond:
             self._confirmed = True
             self._cond.notify_all()
@@ -629,6 +686,8 @@ class Follower:
             self._on_apply(epoch, nbytes)  # before waiters wake: they may read its effects
         with self._cond:
             self._epoch = epoch
+            if self.state == "syncing":
+                self.state = "streaming"  # the full sync is in the store
             self._cond.notify_all()
         wire.send_json(sock, wire.ACK, {"epoch": epoch})
 
@@ -643,10 +702,25 @@ def _kept(e: BaseException) -> BaseException:
 
 
 def _shutdown(sock: socket.socket) -> None:
+    """Shut a connection down from another thread, waking whatever blocks on it. At the
+    socket level: SSLSocket.shutdown drops the TLS state that the blocked thread (in the
+    handshake or a read) is using, which would crash it instead of ending it with EOF."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+def _takes_deltas_whole(store: Store) -> bool:
+    """Whether a follower on `store` must not ask for PART frames. Parts are applied as
+    they arrive, so a transfer cut in the middle leaves pages of the new epoch over the
+    old state; only the resume marker (a Python attribute) says so. That is enough for a
+    store in memory, which does not outlive the attribute. A DurableStore journals each
+    delta as one record, and a store file outlives the process: reopened after a cut
+    transfer, it would resume from its own epoch (the cut delta's target) and never get
+    the pages it missed. Taken whole, a delta is verified entirely before anything of it
+    is applied, and a cut one leaves the store as it was."""
+    return hasattr(store, "apply_replicated") or getattr(store, "path", None) is not None
 
 
 def _resume_epoch(store: Store) -> int:

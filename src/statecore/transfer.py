@@ -17,7 +17,10 @@ last part is applied. If the connection drops in between, the store holds some p
 of b over the state as of a, and the follower still says a: on reconnecting it asks for
 delta(a, now), which carries every page changed since a, the ones it already has
 included, and ends byte-identical. A store left that way remembers a (`_replica_resume`)
-so that a new Follower on it also resumes from a, not from the store's own epoch.
+so that a new Follower on it also resumes from a, not from the store's own epoch. That
+marker is a Python attribute, gone when the process ends: only followers on stores in
+memory, which end with it, ask for parts; one on a store file or a DurableStore takes
+every delta whole (replication._takes_deltas_whole).
 """
 from __future__ import annotations
 

@@ -247,5 +247,10 @@ def mac(secret: Optional[bytes], role: bytes, a: bytes, b: bytes) -> str:
 
 
 def check_mac(secret: bytes, role: bytes, a: bytes, b: bytes, got: Any) -> bool:
+    """Whether `got` (from the peer's JSON: any type) is the proof mac() makes. Anything
+    but an ASCII str is simply wrong: compare_digest raises TypeError on a non-ASCII str,
+    which would end the handshake as a crash instead of a refusal."""
     import hmac
-    return isinstance(got, str) and hmac.compare_digest(mac(secret, role, a, b), got)
+    if not isinstance(got, str) or not got.isascii():
+        return False
+    return hmac.compare_digest(mac(secret, role, a, b).encode(), got.encode())

@@ -329,9 +329,8 @@ def test_close_while_other_threads_read_never_crashes(in_child):
 
 
 def _close_while_saving(rounds: int = 20) -> None:
-    """close() right after save_async: either close refuses (the save is running) and the
-    save completes, or close wins and the Future raises a StateError. Never a crash, and
-    never another exception type."""
+    """close() right after save_async waits for the save: the save completes and close
+    succeeds. Never a crash, and never another exception type."""
     import tempfile
     outcomes = set()
     with tempfile.TemporaryDirectory() as tmp:
@@ -340,18 +339,139 @@ def _close_while_saving(rounds: int = 20) -> None:
             store.write(0, b"x" * (8 << 20))
             snap = store.snapshot()
             fut = snap.save_async(os.path.join(tmp, f"{i}.ckpt"))
-            try:
-                store.close()
-            except sc.StateError:
-                pass
-            try:
-                fut.result(timeout=30)
-                outcomes.add("saved")
-            except (sc.StoreClosed, sc.SnapshotReleased):
-                outcomes.add("refused")
             store.close()
-            assert store.closed
+            assert store.closed and fut.done()
+            fut.result(timeout=30)
+            outcomes.add("saved")
+        assert outcomes == {"saved"}
 
 
 def test_close_while_save_async_runs_never_crashes(in_child):
     assert in_child(_close_while_saving, timeout=60) == "no exception"
+
+
+# ---- close() waits for running saves ------------------------------------------------------
+@pytest.fixture
+def gated_saves(monkeypatch):
+    """Every checkpoint save waits for the returned event before it starts writing, so a
+    test can hold a save "running" for as long as it needs."""
+    from statecore import checkpoint
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+    real = checkpoint.save_checkpoint
+
+    def gated(*args, **kwargs):
+        started.release()
+        assert gate.wait(timeout=30), "gate never opened"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", gated)
+    gate.started = started
+    yield gate
+    gate.set()
+
+
+def _closer(store):
+    """store.close() in a thread; returns (thread, outcome list)."""
+    outcome: list = []
+
+    def run():
+        try:
+            store.close()
+            outcome.append("closed")
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            outcome.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, outcome
+
+
+@pytest.mark.parametrize("how", ["save_async", "save in a thread"])
+def test_close_waits_for_a_running_save_of_its_snapshot(tmp_path, gated_saves, how):
+    store = sc.Store(size=SIZE)
+    store.write(0, b"x" * SIZE)
+    snap = store.snapshot()
+    path = tmp_path / "s.ckpt"
+    if how == "save_async":
+        fut = snap.save_async(path)
+    else:
+        fut = ThreadPoolExecutor(1).submit(snap.save, path)
+    assert gated_saves.started.acquire(timeout=10)
+    snap.release()                        # deferred: the save still reads it
+    closer, outcome = _closer(store)
+    closer.join(timeout=0.3)
+    assert closer.is_alive() and not store.closed   # waiting for the save
+    with pytest.raises(sc.StoreClosed, match="closing"):
+        store.snapshot().save_async(tmp_path / "late.ckpt")   # no new save while closing
+    gated_saves.set()
+    closer.join(timeout=30)
+    assert outcome == ["closed"] and store.closed
+    assert fut.result(timeout=30) == os.path.getsize(path)
+    assert snap.released
+    with sc.Store.load(path) as loaded:
+        assert loaded.read(0, SIZE) == b"x" * SIZE
+    assert not (tmp_path / "late.ckpt").exists()
+
+
+def test_with_blocks_around_save_async_complete_the_save(tmp_path, gated_saves):
+    # The README's pattern: leaving both blocks must not cut the save short.
+    threading.Timer(0.2, gated_saves.set).start()
+    with sc.Store(size=SIZE) as store:
+        store.write(0, b"y" * SIZE)
+        with store.snapshot() as snap:
+            fut = snap.save_async(tmp_path / "w.ckpt")
+    assert store.closed
+    fut.result(timeout=30)
+    with sc.Store.load(tmp_path / "w.ckpt") as loaded:
+        assert loaded.read(0, SIZE) == b"y" * SIZE
+
+
+def test_close_refused_by_an_export_after_waiting_leaves_the_store_usable(tmp_path):
+    store = sc.Store(size=SIZE)
+    snap = store.snapshot()
+    fut = snap.save_async(tmp_path / "a.ckpt")
+    view = memoryview(store)
+    with pytest.raises(BufferError):
+        store.close()
+    assert fut.done() and fut.result() > 0
+    snap.save_async(tmp_path / "b.ckpt").result(timeout=30)   # saves are allowed again
+    view.release()
+    store.close()
+    assert store.closed
+
+
+def test_close_from_a_save_progress_callback_does_not_wait_for_itself(tmp_path, monkeypatch):
+    # checkpoint.reporting calls progress from a watcher thread that the save joins before
+    # it ends: a close() there that waited for the save would never return.
+    from statecore import checkpoint
+    real = checkpoint.save_checkpoint
+
+    def save_with_watcher(store, epoch, path, progress=None):
+        watcher = threading.Thread(target=progress, args=(1, 2))
+        watcher.start()
+        watcher.join(timeout=5)
+        if watcher.is_alive():
+            raise RuntimeError("the progress callback is blocked")
+        return real(store, epoch, path)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_with_watcher)
+    store = sc.Store(size=SIZE)
+    snap = store.snapshot()
+    closed: list = []
+    with pytest.raises(sc.StoreClosed):   # closed under its own save, as before
+        snap.save(tmp_path / "p.ckpt", progress=lambda done, total: closed.append(store.close()))
+    assert closed == [None] and store.closed
+
+
+def test_close_in_a_forked_child_does_not_wait_for_the_parents_save(tmp_path, gated_saves,
+                                                                   in_child):
+    store = sc.Store(size=SIZE)
+    snap = store.snapshot()
+    fut = snap.save_async(tmp_path / "f.ckpt")
+    assert gated_saves.started.acquire(timeout=10)
+    assert in_child(store.close, timeout=20) == "no exception"
+    gated_saves.set()
+    fut.result(timeout=30)
+    snap.release()
+    store.close()

@@ -10,6 +10,10 @@ import numpy as np
 MIN_PAGE_SIZE = 512
 MAX_PAGE_SIZE = 1 << 20
 DEFAULT_PAGE_SIZE = 4096
+# The core numbers pages with 32 bits (sc_store_open refuses more pages: replay packs page
+# rows into 32 bits), so a store holds at most this many pages of its page size.
+MAX_PAGES = (1 << 32) - 1
+MAX_SIZE = MAX_PAGES * MAX_PAGE_SIZE
 
 
 def as_int(name: str, value: Any) -> int:
@@ -31,18 +35,27 @@ def check_page_size(page_size: Any) -> int:
 
 def check_size(size: Any, page_size: int) -> int:
     n = as_int("size", size)
-    if n <= 0 or n % page_size:
-        raise ValueError(f"size must be a positive multiple of page_size ({page_size}), got {n}")
+    top = MAX_PAGES * page_size
+    if n <= 0 or n % page_size or n > top:
+        raise ValueError(f"size must be a positive multiple of page_size ({page_size}) in "
+                         f"[{page_size}, {top}] ({MAX_PAGES} pages), got {n}")
     return n
 
 
-def check_range(offset: Any, length: int, size: int, what: str = "offset") -> int:
+def check_range(offset: Any, length: int, size: int, what: str = "offset",
+                length_name: str = "length") -> int:
+    """The offset of `length` bytes inside a store of `size` bytes. The message blames
+    the length when no offset could hold it, the offset otherwise."""
     off = as_int(what, offset)
-    if off < 0 or length < 0 or off > size or length > size - off:
-        top = max(size - length, 0)
+    if length > size:
+        room = size - off if 0 <= off <= size else size
         raise IndexError(
-            f"{what} {off} with length {length} is outside the store: {what} must be in "
-            f"[0, {top}] for {length} bytes of a {size}-byte store")
+            f"{length_name} {length} at {what} {off} runs past the end of the {size}-byte "
+            f"store: {length_name} must be in [0, {room}]")
+    if off < 0 or length < 0 or off > size - length:
+        raise IndexError(
+            f"{what} {off} with {length_name} {length} is outside the store: {what} must "
+            f"be in [0, {size - length}] for {length} bytes of a {size}-byte store")
     return off
 
 

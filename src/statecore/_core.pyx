@@ -35,9 +35,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # ---- the one place status codes become exceptions ----------------------------------
-cdef int raise_status(sc_status st, str what, object corrupt=None) except -1:
+cdef int raise_status(sc_status st, str what, object corrupt=None,
+                      str detail=None) except -1:
     cdef int err = errno  # first: Python code below may overwrite it
-    msg = f"{what}: {sc_strerror(st).decode()}"
+    msg = f"{what}: {detail or sc_strerror(st).decode()}"
     if st == SC_EINVAL:
         raise ValueError(msg)
     if st == SC_ERANGE:
@@ -303,6 +304,39 @@ cdef str _describe_corruption(object source, int kind):
     return f"{name} structure invalid (sizes, index checksum, page ids or versions)"
 
 
+cdef tuple _describe_existing(bytes path, sc_status st, uint64_t size, uint32_t page_size):
+    """(status, message) for an existing store file the core refused with SC_EMISMATCH or
+    SC_EFORMAT: what the file holds against what was asked. The core says only which
+    check failed; its header is re-read here for the message. A file without the store
+    magic is not a store at all: CorruptStore, as for a delta's or checkpoint's magic;
+    UnsupportedFormat is kept for a newer format version."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return st, None
+    if len(head) < 24:
+        return st, None
+    magic = head[:8]
+    version = int.from_bytes(head[8:12], "little")
+    file_page_size = int.from_bytes(head[12:16], "little")
+    file_size = int.from_bytes(head[16:24], "little")
+    if st == SC_EFORMAT:
+        if magic != b"SCSTORE1":  # SC_STORE_MAGIC (csrc/internal.h)
+            return SC_ECORRUPT, f"not a statecore store file: bad magic {magic!r}"
+        if version < SC_FORMAT_VERSION:
+            return SC_ECORRUPT, f"invalid store format version {version}"
+        return st, (f"store format version {version} is newer than this statecore reads "
+                    f"(version {SC_FORMAT_VERSION})")
+    asked = []
+    if size:
+        asked.append(f"size={size}")
+    if page_size:
+        asked.append(f"page_size={page_size}")
+    return st, (f"the existing store has size={file_size}, page_size={file_page_size}; "
+                f"asked for {', '.join(asked)} (omit size and page_size to open it as it is)")
+
+
 # ---- the store -----------------------------------------------------------------------
 cdef class StoreCore:
     """Owns an sc_store. Subclassed by statecore.Store."""
@@ -332,7 +366,11 @@ cdef class StoreCore:
             st = sc_store_open(cp, size, page_size, &self._s)
         if st != SC_OK:
             what = f"open {os.fsdecode(p)!r}" if p is not None else "create anonymous store"
-            raise_status(st, what, errors.CorruptStore)
+            detail = None
+            if p is not None and (st == SC_EMISMATCH or st == SC_EFORMAT):
+                # Neither status is SC_EIO: errno is not needed after the file is read.
+                st, detail = _describe_existing(p, st, size, page_size)
+            raise_status(st, what, errors.CorruptStore, detail)
 
     cdef inline int _enter(self) except -1:
         if self._s == NULL:

@@ -5,18 +5,21 @@ for live snapshots and records their versions; only then are the bytes modified 
 or by the core itself for whole rows chosen by an integer index)."""
 from __future__ import annotations
 
+import math
 import traceback
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from ._args import as_int, check_range
+from ._args import as_int
 
 if TYPE_CHECKING:
     from .store import Store
 
+_MAX_BYTES = np.iinfo(np.intp).max  # numpy's own limit on an array's bytes, zero dims aside
 _UNSUPPORTED = ("StateArray indexes with ints, slices, Ellipsis, None, or one integer or "
-                "boolean array on the first axis (or integer arrays on every axis)")
+                "boolean array on the first axis (or integer arrays on the leading axes, or "
+                "a boolean mask over them)")
 
 
 def _unpin_export(exc: BaseException) -> None:
@@ -32,6 +35,69 @@ def _index_array(key: Any) -> np.ndarray:
     if idx.size == 0 and not isinstance(key, np.ndarray):
         idx = idx.astype(np.intp)
     return idx
+
+
+def _drop_leading_ones(values: np.ndarray, ndim: int) -> np.ndarray:
+    """numpy's assignment drops leading size-1 dimensions beyond the selection's own
+    (`a[0:3] = np.ones((1, 3))`); plain broadcasting would refuse them."""
+    while values.ndim > ndim and values.shape[0] == 1:
+        values = values[0]
+    return values
+
+
+def _expand_mask(parts: tuple, shape: tuple) -> tuple:
+    """A leading boolean mask over several axes becomes the integer arrays of its True
+    positions, as numpy reads it (`a[mask2d]` is `a[mask2d.nonzero()]`)."""
+    if not parts or not isinstance(parts[0], (list, np.ndarray)):
+        return parts
+    mask = np.asarray(parts[0])
+    if mask.dtype != bool or mask.ndim < 2:
+        return parts
+    if mask.ndim > len(shape) or mask.shape != shape[:mask.ndim]:
+        raise IndexError(f"boolean index of shape {mask.shape} does not match the array's "
+                         f"leading dimensions {shape[:mask.ndim]}")
+    return tuple(np.nonzero(mask)) + parts[1:]
+
+
+def _broadcasts(shape: tuple, target: tuple) -> bool:
+    try:
+        return np.broadcast_shapes(shape, target) == target
+    except ValueError:
+        return False
+
+
+def _assignable(key: Any, values: np.ndarray, target: tuple, ndim: int) -> np.ndarray:
+    """`values` shaped for `view[key] = values` as numpy would take them, or the error
+    numpy gives (raised before anything is touched)."""
+    parts = key if isinstance(key, tuple) else (key,)
+    if values.ndim > len(target):
+        if len(parts) == 1 and isinstance(parts[0], (list, np.ndarray)):
+            mask = np.asarray(parts[0])
+            if mask.dtype == bool and mask.ndim == ndim:
+                # numpy's own path for a full-shape mask takes flat values only.
+                raise TypeError("boolean array indexing assignment requires a 0 or "
+                                f"1-dimensional input, input has {values.ndim} dimensions")
+        element = len(parts) == ndim and all(
+            isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in parts)
+        if not element:  # one element takes a scalar only, as in numpy
+            values = _drop_leading_ones(values, len(target))
+    if not _broadcasts(values.shape, target):
+        raise ValueError(f"cannot assign values of shape {values.shape} to a selection of "
+                         f"shape {target}")
+    return values
+
+
+def _addends(values: Any, dtype: np.dtype) -> np.ndarray:
+    """The values as np.add.at takes them (numpy picks the loop and casts the sums back,
+    so -1 wraps in an unsigned array), checked before anything is touched."""
+    vals = np.asarray(values)
+    if vals.dtype.hasobject:
+        # Python objects (an int beyond 64 bits, say) would fail halfway through the sums.
+        raise TypeError(f"values must be numbers numpy can hold in a fixed-size dtype, "
+                        f"got Python objects (for example {vals.flat[0]!r})"
+                        if vals.size else "values must be numbers, got an object array")
+    np.add.resolve_dtypes((dtype, vals.dtype, None))  # numpy's error when there is no loop
+    return vals
 
 
 def _is_basic(part: Any) -> bool:
@@ -73,8 +139,16 @@ class StateArray:
         shp = tuple(as_int("shape", d) for d in shape)
         if any(d < 0 for d in shp):
             raise ValueError(f"shape must have non-negative dimensions, got {shp}")
-        count = int(np.prod(shp, dtype=np.int64))
-        check_range(off, count * dt.itemsize, size)
+        # Python ints: np.prod wraps silently (2**32 * 2**32 would be 0 elements).
+        count = math.prod(shp)
+        if math.prod(d for d in shp if d) * dt.itemsize > _MAX_BYTES:
+            raise ValueError(f"shape {shp} is too large for numpy: its non-zero dimensions "
+                             f"need more than {_MAX_BYTES} bytes of {dt}")
+        room = (size - off) // dt.itemsize
+        if count > room:
+            raise IndexError(
+                f"shape {shp} needs {count} elements of {dt}: at most {room} elements "
+                f"({room * dt.itemsize} bytes) fit at offset {off} of the {size}-byte store")
         self._store = store
         self.dtype = dt
         self.offset = off
@@ -110,7 +184,9 @@ class StateArray:
             del view
             _unpin_export(e)
             raise
-        return out.copy() if isinstance(out, np.ndarray) else out
+        # A structured element comes back as an np.void that is a view of the store;
+        # other numpy scalars are copies already.
+        return out.copy() if isinstance(out, (np.ndarray, np.void)) else out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.array(self._live(self._store))
@@ -127,9 +203,7 @@ class StateArray:
         try:
             values = np.asarray(value, dtype=self.dtype)
             target, pages, span = self._plan(view, key)
-            if np.broadcast_shapes(values.shape, target) != target:
-                raise ValueError(f"cannot assign values of shape {values.shape} to a "
-                                 f"selection of shape {target}")
+            values = _assignable(key, values, target, view.ndim)
             whole_rows = isinstance(pages, tuple) and not isinstance(key, tuple)
             store._begin_write()
             try:
@@ -146,23 +220,21 @@ class StateArray:
             raise
 
     def add_at(self, idx: Any, values: Any) -> None:
-        """Unbuffered `arr[idx] += values` (repeated indices accumulate), like np.add.at."""
+        """Unbuffered `arr[idx] += values` (repeated indices accumulate), like np.add.at:
+        the same indices as `arr[idx] = ...`, and numpy's casting of the values."""
         store = self._store
         region = store._writable_region()
         view = self._live(region)
         try:
-            fast = _int_rows(idx) if view.ndim else None
-            rows = fast if fast is not None else self._rows(view, idx)
-            vals = np.asarray(values, dtype=self.dtype)
-            target = rows.shape + view.shape[1:]
-            if np.broadcast_shapes(vals.shape, target) != target:
+            target, pages, span = self._plan(view, idx)
+            vals = _addends(values, self.dtype)
+            if not _broadcasts(vals.shape, target):
                 raise ValueError(f"values of shape {vals.shape} do not match index of shape "
-                                 f"{rows.shape}")
-            pages = ("rows", fast.ravel()) if fast is not None else self._row_pages(view, rows)
+                                 f"{target}")
             store._begin_write()
             try:
-                self._touch(pages, None)
-                np.add.at(view, rows, vals)
+                self._touch(pages, span)
+                np.add.at(view, idx, vals)
             finally:
                 store._write_lock.release()
         except BaseException as e:
@@ -198,8 +270,10 @@ class StateArray:
     def _touch(self, pages: Any, span: Optional[tuple[int, int]]) -> None:
         if span is not None:
             self._store._touch_range(*span)
-        if isinstance(pages, tuple):
-            row_bytes = self.nbytes // self.shape[0] if self.shape[0] else self.dtype.itemsize
+        if isinstance(pages, tuple) and not self.size:
+            self._normalize(pages[1], self.shape[0], 0)  # rows of no bytes: only the check
+        elif isinstance(pages, tuple):
+            row_bytes = self.nbytes // self.shape[0]
             self._store._touch_rows(pages[1], self.shape[0], self.offset, row_bytes)
         elif pages is not None and len(pages):
             self._store._touch_pages(pages)
@@ -217,22 +291,27 @@ class StateArray:
                 # already holds an Ellipsis never yields a scalar).
                 sub = view[parts + (Ellipsis,)]
             return sub.shape, *self._basic_pages(view, sub)
+        parts = _expand_mask(parts, view.shape)
         first, rest = parts[0], parts[1:]
         if all(_is_basic(p) for p in rest):
-            inner = view[(0,) + rest].shape if view.ndim > 1 else ()
+            # What the basic rest leaves of one row, taken from an empty slice so that an
+            # array with no rows needs none.
+            inner = view[(slice(0, 0),) + rest].shape[1:] if view.ndim else ()
             fast = _int_rows(first)
             if fast is not None and view.ndim:
                 # The core checks bounds and finds the pages in one pass.
                 return fast.shape + inner, ("rows", fast.ravel()), None
             rows = self._rows(view, first)
-            inner = view[(0,) + rest].shape if view.ndim > 1 else ()
             return rows.shape + inner, self._row_pages(view, rows), None
-        if view.ndim > 1 and len(parts) == view.ndim and all(
+        k = len(parts)
+        if view.ndim > 1 and k <= view.ndim and all(
                 isinstance(p, (list, np.ndarray)) for p in parts):
-            idx = [self._normalize(_index_array(p), d, i) for i, (p, d) in
+            idx = [self._normalize(_index_array(p), d, i).astype(np.intp) for i, (p, d) in
                    enumerate(zip(parts, view.shape))]
-            flat = np.ravel_multi_index(idx, view.shape)
-            return flat.shape, self._element_pages(flat.ravel() * self.dtype.itemsize), None
+            flat = np.ravel_multi_index(idx, view.shape[:k])
+            block = math.prod(view.shape[k:]) * self.dtype.itemsize
+            pages = self._block_pages(flat.ravel().astype(np.int64) * block, block)
+            return flat.shape + view.shape[k:], pages, None
         raise TypeError(_UNSUPPORTED)
 
     def _basic_pages(self, view: np.ndarray, sub: np.ndarray):
@@ -275,10 +354,6 @@ class StateArray:
     def _rows(self, view: np.ndarray, key: Any) -> np.ndarray:
         if not view.ndim:
             raise IndexError("a 0-d StateArray has no rows to index")
-        if _is_basic(key) and not isinstance(key, slice) and key is not None and key is not Ellipsis:
-            key = [key]
-        elif isinstance(key, slice):
-            return np.arange(*key.indices(view.shape[0]))
         idx = _index_array(key)
         if idx.dtype == object:
             raise TypeError(_UNSUPPORTED)
@@ -286,13 +361,19 @@ class StateArray:
 
     def _row_pages(self, view: np.ndarray, rows: np.ndarray) -> np.ndarray:
         row_bytes = view.strides[0] if view.ndim else self.dtype.itemsize
-        starts = rows.ravel().astype(np.int64) * row_bytes
-        if row_bytes <= self._store.page_size:
-            return self._element_pages(starts, row_bytes)
-        # Rows longer than a page: every page of each row.
+        return self._block_pages(rows.ravel().astype(np.int64) * row_bytes, row_bytes)
+
+    def _block_pages(self, starts: np.ndarray, nbytes: int) -> np.ndarray:
+        """Pages under blocks of `nbytes` bytes at byte offsets `starts` (relative to this
+        array)."""
+        if not nbytes or not starts.size:
+            return np.empty(0, dtype=np.uint64)
+        if nbytes <= self._store.page_size:
+            return self._element_pages(starts, nbytes)
+        # Blocks longer than a page: every page of each block.
         shift = self._page_shift
         first = (self.offset + starts) >> shift
-        last = (self.offset + starts + row_bytes - 1) >> shift
+        last = (self.offset + starts + nbytes - 1) >> shift
         counts = last - first + 1
         return (np.repeat(first - np.cumsum(counts) + counts, counts)
                 + np.arange(int(counts.sum()))).astype(np.uint64)

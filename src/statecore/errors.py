@@ -40,7 +40,8 @@ class CorruptCheckpoint(CorruptData):
 
 
 class CorruptStore(CorruptData):
-    """A store file's header is damaged or its length is wrong."""
+    """A store file's header is damaged or its length is wrong (or it has no store magic:
+    not a statecore store file at all)."""
 
 
 class EpochGap(StateError):

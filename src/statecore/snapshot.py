@@ -162,32 +162,50 @@ class Snapshot:
         fsync'd). Writers may continue meanwhile. Returns the file's size in bytes."""
         store = self._acquire()
         try:
-            from .checkpoint import save_checkpoint
-            return save_checkpoint(store, self.epoch, path, progress=progress)
+            store._check()  # closed or forked: before registering with the store
+            save = store._save_started()  # store.close() waits for it
+            save.add(threading.get_ident())
+            try:
+                report = progress
+                if progress is not None:
+                    def report(done: int, total: int) -> None:
+                        save.add(threading.get_ident())  # the callback's thread works for it
+                        progress(done, total)
+                from .checkpoint import save_checkpoint
+                return save_checkpoint(store, self.epoch, path, progress=report)
+            finally:
+                store._save_finished(save)
         finally:
             self._done()
 
     def save_async(self, path: "PathLike") -> "Future[int]":
-        """Like save(), in a background thread. The snapshot stays readable meanwhile and
-        a release() waits until the save is done."""
+        """Like save(), in a background thread. The snapshot stays readable meanwhile;
+        a release() or the store's close() waits until the save is done."""
         store = self._acquire()  # held until the save finishes
         try:
             store._check()  # closed or forked: raise here, not in the Future
+            save = store._save_started()  # closing: StoreClosed here too
         except BaseException:
             self._done()
             raise
 
         def run() -> int:
+            save.add(threading.get_ident())
             try:
-                # The store acquired above: if it was closed meanwhile, the save raises
-                # StoreClosed (self._store is None by then).
                 from .checkpoint import save_checkpoint
                 return save_checkpoint(store, self.epoch, path)
             finally:
-                self._done()
+                # Released (if release() was called meanwhile) before close() goes on.
+                try:
+                    self._done()
+                finally:
+                    store._save_finished(save)
 
         try:
             return _save_pool().submit(run)
         except BaseException:
-            self._done()
+            try:
+                self._done()
+            finally:
+                store._save_finished(save)
             raise

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 
 from . import _core, errors
-from ._args import (DEFAULT_PAGE_SIZE, as_int, byte_view, check_page_size, check_range,
-                    check_size, page_id_array)
+from ._args import (DEFAULT_PAGE_SIZE, MAX_SIZE, as_int, byte_view, check_page_size,
+                    check_range, check_size, page_id_array)
 
 if TYPE_CHECKING:
     from .array import StateArray
@@ -46,8 +46,9 @@ class Store(_core.StoreCore):
         elif ps is None and exists:
             # The file's own page size applies; the core reports a size that differs.
             sz = as_int("size", size)
-            if sz <= 0:
-                raise ValueError(f"size must be a positive multiple of page_size, got {sz}")
+            if sz <= 0 or sz > MAX_SIZE:
+                raise ValueError(f"size must be in [1, {MAX_SIZE}] (a multiple of the "
+                                 f"file's page_size), got {sz}")
         else:
             sz = check_size(size, ps or DEFAULT_PAGE_SIZE)
         # Held by writers and snapshot(): a snapshot must never fall between a page's
@@ -57,21 +58,62 @@ class Store(_core.StoreCore):
         self._last_replay: Any = None  # ReplayStats of the last sc.replay into this store
         self._pending_releases: list[int] = []
         self._snapshots: "weakref.WeakValueDictionary[int, Snapshot]" = weakref.WeakValueDictionary()
+        # Checkpoint saves of this store's snapshots now running, each as the set of ids of
+        # the threads working for it (the saver, its progress callback's thread): close()
+        # waits for them, except for one it is called from (it would wait for itself).
+        self._saves: list[set[int]] = []
+        self._saves_changed = threading.Condition(threading.Lock())
+        self._closing = False
         self._open(None if path is None else os.fspath(path), sz,
                    ps if ps is not None else (0 if exists else DEFAULT_PAGE_SIZE))
         self.path = None if path is None else os.fspath(path)
 
     # ---- lifecycle ---------------------------------------------------------------
     def close(self) -> None:
-        """Release every snapshot and unmap. Idempotent. Raises BufferError while a
-        memoryview or numpy array over the store is alive."""
+        """Wait for running saves of its snapshots (a save started meanwhile raises
+        StoreClosed), release every snapshot and unmap. Idempotent. Raises BufferError
+        while a memoryview or numpy array over the store is alive."""
         if self.closed:
             return
-        with self._write_lock:
-            self._close()
-            for snap in list(self._snapshots.values()):
-                snap._store_closed()
-            self._snapshots.clear()
+        forked = False
+        try:
+            self._check()
+        except errors.StoreForked:
+            forked = True  # the saves ran in the parent: nothing here to wait for
+        except errors.StoreClosed:
+            return  # closed by another thread meanwhile
+        try:
+            if not forked:
+                self._wait_for_saves()
+            with self._write_lock:
+                self._close()
+                for snap in list(self._snapshots.values()):
+                    snap._store_closed()
+                self._snapshots.clear()
+        finally:
+            if not forked and not self.closed:
+                with self._saves_changed:
+                    self._closing = False  # refused or interrupted: the store stays usable
+
+    def _wait_for_saves(self) -> None:
+        me = threading.get_ident()
+        with self._saves_changed:
+            self._closing = True  # a save starting from now on raises StoreClosed
+            self._saves_changed.wait_for(lambda: all(me in save for save in self._saves))
+
+    def _save_started(self) -> set[int]:
+        """Register a save; returns the set its threads add their ids to."""
+        save: set[int] = set()
+        with self._saves_changed:
+            if self._closing:
+                raise errors.StoreClosed("store is closing")
+            self._saves.append(save)
+        return save
+
+    def _save_finished(self, save: set[int]) -> None:
+        with self._saves_changed:
+            self._saves = [s for s in self._saves if s is not save]  # by identity
+            self._saves_changed.notify_all()
 
     def __enter__(self) -> "Store":
         self._check()
@@ -119,7 +161,7 @@ class Store(_core.StoreCore):
     def write(self, offset: int, data: Any) -> None:
         """Write any bytes-like object at a byte offset."""
         view = byte_view(data)
-        off = check_range(offset, view.nbytes, self.size)
+        off = check_range(offset, view.nbytes, self.size, length_name="len(data)")
         self._begin_write()
         try:
             self._write(off, view)
@@ -134,6 +176,14 @@ class Store(_core.StoreCore):
         if view.nbytes != need:
             raise ValueError(f"data must hold len(page_ids) * page_size = {need} bytes, "
                              f"got {view.nbytes}")
+        if need:
+            with memoryview(self) as live:
+                overlaps = np.may_share_memory(np.frombuffer(view, np.uint8),
+                                               np.frombuffer(live, np.uint8))
+            if overlaps:
+                # Data read from the store itself: pages are written one after another,
+                # so a page written early would change the source of a later one.
+                view = memoryview(bytes(view))
         self._begin_write()
         try:
             self._write_pages(ids, view)

@@ -1,11 +1,14 @@
 """Operator tools: describe statecore files and verify a durable directory."""
 from __future__ import annotations
 
+import errno
+import fnmatch
 import os
 import struct
 from typing import Any, Callable, Dict, List, Optional
 
 from . import _core, errors
+from ._args import DEFAULT_PAGE_SIZE
 from .checkpoint import read_checkpoint
 from .journal import read_segment
 from .manifest import NAME as MANIFEST_NAME
@@ -13,6 +16,7 @@ from .manifest import checkpoint_name, read_manifest, scan_directory
 from .journal import segment_name
 
 _HEADER = struct.Struct("<8sHHHHII QQQQQQ 16s Q")
+_STORE_HEADER = struct.Struct("<8sIIQQQ")  # the start of sc_file_header (csrc/internal.h)
 
 
 def _delta_header(head: bytes) -> Dict[str, Any]:
@@ -29,22 +33,39 @@ def describe(path: str) -> Dict[str, Any]:
     """Format version, page size, epochs, sizes and schema version of any statecore path."""
     if os.path.isdir(path):
         return _describe_directory(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    if not os.path.isfile(path):
+        # A device or FIFO has no size to check and may never end (or block on read).
+        raise errors.CorruptData(f"{path!r} is not a regular file or directory")
     with open(path, "rb") as f:
         head = f.read(_core.HEADER_SIZE)
     size = os.path.getsize(path)
     magic = head[:8]
-    if magic in (b"SCCKPT01", b"SCDELTA1") and len(head) == _core.HEADER_SIZE:
+    if magic in (b"SCCKPT01", b"SCDELTA1"):
         kind = "checkpoint" if magic == b"SCCKPT01" else "delta"
+        _check_header(path, kind, head, _core.HEADER_SIZE)
         return {"kind": kind, "file_bytes": size, **_delta_header(head)}
     if magic == b"SCSTORE1":
-        version, page_size, store_size, epoch, schema = struct.unpack_from("<IIQQQ", head, 8)
+        _check_header(path, "store file", head, _STORE_HEADER.size)
+        _, version, page_size, store_size, epoch, schema = _STORE_HEADER.unpack_from(head)
         return {"kind": "store file", "format_version": version, "page_size": page_size,
                 "size": store_size, "epoch": epoch, "schema_version": schema, "file_bytes": size}
-    if magic[:4] == b"SCJR" or size == 0:
+    # A journal segment is created empty, so an empty file is one only by its name.
+    if magic[:4] == b"SCJR" or (size == 0 and fnmatch.fnmatch(os.path.basename(path),
+                                                             "journal-*.log")):
         return _describe_segment(path)
     if magic == b"SCMANIF1":
         return {"kind": "manifest", **vars(read_manifest(os.path.dirname(path) or "."))}
+    if size == 0:
+        raise errors.CorruptData(f"{path!r} is empty: not a statecore file")
     raise errors.CorruptData(f"{path!r} is not a statecore file (magic {magic!r})")
+
+
+def _check_header(path: str, kind: str, head: bytes, need: int) -> None:
+    if len(head) < need:
+        raise errors.CorruptData(f"{path!r}: {kind} header truncated ({len(head)} of {need} "
+                                 "bytes)")
 
 
 def _describe_segment(path: str) -> Dict[str, Any]:
@@ -54,6 +75,7 @@ def _describe_segment(path: str) -> Dict[str, Any]:
     if records:
         out.update(format_version=records[0][0].format_version,
                    page_size=records[0][0].page_size,
+                   size=records[0][0].store_pages * records[0][0].page_size,
                    first_base_epoch=records[0][0].base_epoch,
                    last_epoch=records[-1][0].target_epoch,
                    schema_version=records[-1][0].schema_version)
@@ -63,6 +85,13 @@ def _describe_segment(path: str) -> Dict[str, Any]:
 
 
 def _describe_directory(path: str) -> Dict[str, Any]:
+    if not os.path.exists(os.path.join(path, MANIFEST_NAME)):
+        ckpts, segs = scan_directory(path)
+        if ckpts or segs:
+            raise errors.CorruptData(f"{path!r} has no MANIFEST; `statecore recover` with "
+                                     "--size rebuilds it from the checkpoints and journal")
+        raise errors.CorruptData(f"{path!r} is not a durable store directory (no MANIFEST, "
+                                 "checkpoint or journal segment)")
     m = read_manifest(path)
     files = sorted(os.listdir(path))
     return {"kind": "durable directory", "format_version": m.format_version,
@@ -126,7 +155,8 @@ def _dry_run(directory: str, manifest: Any) -> str:
     from .recovery import recover
     from .store import Store
     if manifest is None:
-        return "rebuild the manifest from the directory listing (open with size= and page_size=)"
+        return ("rebuild the manifest from the directory listing (run `statecore recover "
+                f"DIR --size SIZE`, adding --page-size if the store's is not {DEFAULT_PAGE_SIZE})")
     with Store(size=manifest.size, page_size=manifest.page_size) as scratch:
         try:
             report, _ = recover(scratch, directory, manifest)

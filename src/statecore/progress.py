@@ -1,6 +1,7 @@
 """Progress bars for the CLI: bytes, rate and ETA on a terminal; silent otherwise."""
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Optional, TextIO
@@ -14,13 +15,18 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
 def parse_size(text: str) -> int:
-    """'1G', '64M', '4096', '1.5GiB' -> bytes."""
-    t = text.strip().upper().replace("IB", "").replace("B", "")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if t and t[-1] in mult:
-        return int(float(t[:-1]) * mult[t[-1]])
-    return int(t)
+    """'1G', '64M', '4096', '1.5GiB' -> bytes; ValueError for anything else, and for sizes
+    that are not positive (a store of no bytes is always a mistake)."""
+    m = _SIZE.fullmatch(text.strip())
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()]) if m else 0
+    if n <= 0:
+        raise ValueError(f"invalid size {text!r} (e.g. 64M, 1G)")
+    return n
 
 
 class ProgressBar:

@@ -51,12 +51,13 @@ class RecoveryReport:
         return self.checkpoint_bytes + self.journal_bytes
 
     def __str__(self) -> str:
+        from .progress import human_bytes
         if self.fresh:
             return "new durable store"
         base = (f"checkpoint {self.checkpoint_epoch}" if self.checkpoint_epoch is not None
                 else "empty state")
         lines = [f"recovered epoch {self.committed_epoch} from {base} + {self.deltas_replayed} "
-                 f"deltas ({self.bytes / 2**20:.1f} MiB) in {self.seconds:.3f} s"]
+                 f"deltas ({human_bytes(self.bytes)}) in {self.seconds:.3f} s"]
         lines += [f"discarded {d}" for d in self.discarded]
         lines += [f"repaired: {r}" for r in self.repairs]
         return "\n".join(lines)

@@ -10,6 +10,7 @@ const char *sc_kv_strerror(int st) {
     case SC_KV_FULL: return "no room left in the key-value region";
     case SC_KV_NOT_EMPTY: return "the region holds data but no key-value header";
     case SC_KV_READONLY: return "read-only view";
+    case SC_KV_MISMATCH: return "the region holds a key-value map made for another region size";
     default: return sc_strerror((sc_status)st);
     }
 }
@@ -21,9 +22,20 @@ uint64_t sc_kv_hash(const void *key, uint64_t len) {
 }
 
 /* ---- header ------------------------------------------------------------------------ */
+/* A region length a map could have been made for at kv->base of this store. */
+static bool plausible_region(const sc_kv *kv, uint64_t len) {
+    uint64_t ps = sc_store_page_size(kv->s), size = sc_store_size(kv->s);
+    return len % ps == 0 && len >= SC_KV_MIN_REGION && len <= KV_MAX_REGION &&
+           len <= size - kv->base;
+}
+
 int kv__check_header(const sc_kv *kv, const kv_header *h) {
     if (h->format_version != KV_FORMAT_VERSION) return SC_EFORMAT;
-    if (h->header_bytes != KV_HEADER_BYTES || h->region_size != kv->len) return SC_ECORRUPT;
+    if (h->header_bytes != KV_HEADER_BYTES) return SC_ECORRUPT;
+    /* A map made for another region length is opened with the wrong size= (a caller's
+     * mistake, not damage), unless no region could have that length. */
+    if (h->region_size != kv->len)
+        return plausible_region(kv, h->region_size) ? SC_KV_MISMATCH : SC_ECORRUPT;
     if (h->b0_log2 < KV_MIN_B0 || h->b0_log2 > KV_MAX_BITS) return SC_ECORRUPT;
     if (h->level > KV_MAX_BITS - h->b0_log2) return SC_ECORRUPT;
     if (h->split >= (uint64_t)1 << (h->b0_log2 + h->level)) return SC_ECORRUPT;
@@ -128,6 +140,13 @@ int sc_kv_open(sc_store *s, uint64_t base, uint64_t len, uint64_t snap_epoch,
     while (((uint64_t)1 << kv->page_shift) < ps) kv->page_shift++;
     if (!snap_epoch) {
         kv->data = (uint8_t *)sc_store_data(s) + base;
+        /* A map made for another region length is refused now; any other problem of the
+         * header waits for the calls (verify() describes it). */
+        int present;
+        if (classify_header(kv, (const kv_header *)kv->data, &present) == SC_KV_MISMATCH) {
+            free(kv);
+            return SC_KV_MISMATCH;
+        }
     } else {
         /* A snapshot never changes: read its header once. */
         int st = sc_snapshot_read(s, snap_epoch, base, &kv->view_hdr, sizeof kv->view_hdr);
@@ -153,6 +172,17 @@ int sc_kv_open(sc_store *s, uint64_t base, uint64_t len, uint64_t snap_epoch,
 }
 
 void sc_kv_close(sc_kv *kv) { free(kv); }
+
+int sc_kv_recorded_size(sc_store *s, uint64_t base, uint64_t snap_epoch, uint64_t *len) {
+    *len = 0;
+    uint64_t size = sc_store_size(s);
+    kv_header h;
+    if (base > size || size - base < sizeof h) return SC_EINVAL;
+    if (snap_epoch) KV_TRY(sc_snapshot_read(s, snap_epoch, base, &h, sizeof h));
+    else memcpy(&h, (const uint8_t *)sc_store_data(s) + base, sizeof h);
+    if (memcmp(h.magic, KV_MAGIC, 8) == 0) *len = h.region_size;
+    return SC_OK;
+}
 
 int sc_kv_read(sc_kv *kv, uint64_t off, void *dst, uint64_t len) {
     if (!kv_in_region(kv, off, len)) return SC_ERANGE;
@@ -223,6 +253,17 @@ int sc_kv_create(sc_kv *kv) {
         if (sc_store_page_version(kv->s, first + i) && !page_is_zero(kv->data + i * ps, ps))
             return SC_KV_NOT_EMPTY;
     return init_map(kv, false);
+}
+
+/* A writer-side call that created the map and then failed leaves the region as it found
+ * it: all zero (sc_kv_create checked). So every page that is not zero now was written by
+ * this call, and is tracked already: zero it again. */
+void kv__uncreate(sc_kv *kv) {
+    uint64_t ps = sc_store_page_size(kv->s), first = kv->base / ps;
+    for (uint64_t i = 0; i < kv->len / ps; i++)
+        if (sc_store_page_version(kv->s, first + i) && !page_is_zero(kv->data + i * ps, ps))
+            memset(kv->data + i * ps, 0, ps);
+    kv->seg_ok = 0;
 }
 
 int sc_kv_clear(sc_kv *kv) {
@@ -538,14 +579,13 @@ static bool fits_in_place(uint64_t block, uint64_t need) {
 }
 
 int kv__put_one(sc_kv *kv, kv_header *h, const uint8_t *key, uint64_t klen, uint64_t hash,
-                const uint8_t *val, uint64_t vlen, kv_undo *log) {
+                const uint8_t *val, uint64_t vlen) {
     kv_hit hit;
     KV_TRY(kv__find(kv, h, key, klen, hash, 0, false, &hit));
     uint64_t need = kv__record_size(klen, vlen), rec;
     int st = SC_OK;
     if (hit.bucket) {
         if (fits_in_place(hit.rec.size, need)) {
-            if (log) KV_TRY(kv__undo_in_place(kv, log, &hit.rec));
             uint8_t *p = kv_poke(kv, hit.rec.off + 12, 4 + klen + vlen, &st);
             if (!p) return st;
             uint32_t v32 = (uint32_t)vlen;
@@ -560,7 +600,6 @@ int kv__put_one(sc_kv *kv, kv_header *h, const uint8_t *key, uint64_t klen, uint
             kv__free(kv, h, rec);
             return st;
         }
-        if (log) return kv__undo_replaced(log, rec, hit.rec.off);
         return kv__free(kv, h, hit.rec.off);
     }
 
@@ -596,7 +635,6 @@ int kv__put_one(sc_kv *kv, kv_header *h, const uint8_t *key, uint64_t klen, uint
     bk->count = idx + 1;
     h->count++;
     h->changes++;
-    if (log) KV_TRY(kv__undo_new(log, rec));
     return kv__grow(kv, h);
 }
 
@@ -640,9 +678,18 @@ int kv__delete_one(sc_kv *kv, kv_header *h, const uint8_t *key, uint64_t klen, u
 int sc_kv_put(sc_kv *kv, const void *key, uint64_t klen, const void *val, uint64_t vlen) {
     if (klen > SC_KV_MAX_KEY || vlen > SC_KV_MAX_VALUE || (klen && !key) || (vlen && !val))
         return SC_EINVAL;
+    if (!kv->data) return SC_KV_READONLY;
+    const kv_header *ro;
+    int present;
+    KV_TRY(kv__header(kv, &ro, &present));
     kv_header *h;
     KV_TRY(kv__writable_header(kv, &h));
-    return kv__put_one(kv, h, key, klen, sc_kv_hash(key, klen), val, vlen, NULL);
+    /* On a present map a put that fails leaves the same blocks free (the record is
+     * allocated first and freed again if an overflow bucket does not fit); one that
+     * created the map takes it away again. */
+    int st = kv__put_one(kv, h, key, klen, sc_kv_hash(key, klen), val, vlen);
+    if (st != SC_OK && !present) kv__uncreate(kv);
+    return st;
 }
 
 int sc_kv_delete(sc_kv *kv, const void *key, uint64_t klen, int *found) {

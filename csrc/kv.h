@@ -37,6 +37,7 @@ enum {
     SC_KV_FULL = 64,        /* no free block large enough: nothing was written */
     SC_KV_NOT_EMPTY = 65,   /* create: the region holds data but no KV header */
     SC_KV_READONLY = 66,    /* a write through a snapshot view */
+    SC_KV_MISMATCH = 67,    /* the region holds a map made for another region length */
 };
 const char *sc_kv_strerror(int st);
 
@@ -49,10 +50,15 @@ typedef struct sc_kv_buf {
 /* A handle on the region [base, base+len) of store s (both multiples of the page size).
  * snap_epoch 0: the live store; otherwise a live snapshot's epoch (a read-only view).
  * capacity: keys to size the table for when a write first creates the map (0: small).
- * Opening never writes. */
+ * Opening never writes. SC_KV_MISMATCH: the region holds a map made for another len
+ * (sc_kv_recorded_size says which). */
 int sc_kv_open(sc_store *s, uint64_t base, uint64_t len, uint64_t snap_epoch,
                uint64_t capacity, sc_kv **out);
 void sc_kv_close(sc_kv *kv);
+/* The region length recorded in the map header at base (of the live store, or of the
+ * snapshot at snap_epoch): what a handle must be opened with; 0 when no map header is
+ * there. */
+int sc_kv_recorded_size(sc_store *s, uint64_t base, uint64_t snap_epoch, uint64_t *len);
 
 /* *present = 1 when the region holds a valid map header, 0 when it holds none (the map
  * is empty and the first write creates it). A damaged header is SC_ECORRUPT. */

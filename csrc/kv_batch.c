@@ -8,9 +8,20 @@
  * put_many is all or nothing. When the wilderness alone has room for the worst case of
  * every item (a new record plus an overflow bucket each), nothing can run out of room and
  * the batch runs without bookkeeping; the table's growth meanwhile may only take
- * wilderness the remaining items do not need (sc_kv.reserve). Otherwise each item is
- * logged (new record; replaced record, whose old block is freed only at the end; old
- * value bytes of an in-place rewrite) and a failure rolls the map back.
+ * wilderness the remaining items do not need (sc_kv.reserve). Otherwise the batch keeps a
+ * journal of before-images and a failure restores them.
+ *
+ * Why before-images rather than undoing each item: undoing items (removing the new
+ * records, putting the old values back) leaves what the batch did to the allocator and
+ * the table in place: the buckets it split, the segments it reserved, and records freed
+ * below those segments instead of back into the wilderness, so a later put that fit
+ * before could fail. The journal restores the region's bytes exactly, allocator and table
+ * state included, with no code that has to know how each structure changed: every change
+ * goes through kv_poke, which saves each 64-byte line the first time the batch writes it.
+ * Only lines below the map's `top` as the batch found it are saved; the wilderness above
+ * it held nothing, and restoring the header's `top` makes it wilderness again. A map the
+ * batch created is taken away instead (kv__uncreate). The journal costs 72 bytes per line
+ * written, at most about the used part of the region.
  */
 #include <stdlib.h>
 
@@ -19,8 +30,6 @@
 #define PF_DIST 5u
 #define PF_RING 16u /* > 3 * PF_DIST */
 #define PF_VALUE_BYTES 4096u /* at most this much of a value is prefetched */
-
-enum { UNDO_NEW = 1, UNDO_REPLACED = 2, UNDO_IN_PLACE = 3 };
 
 /* ---- prefetching (live regions only) --------------------------------------------------- */
 /* Both lines of the bucket. (Prefetches beyond what the core has fill buffers for stall
@@ -139,71 +148,60 @@ int sc_kv_read_many(sc_kv *kv, const uint64_t *off, const uint64_t *len, void *c
     return SC_OK;
 }
 
-/* ---- the undo log ------------------------------------------------------------------------------ */
-int kv__undo_new(kv_undo *log, uint64_t rec) {
-    if (log->n == log->cap) return SC_ENOMEM;
-    log->e[log->n++] = (kv_undo_entry){UNDO_NEW, rec, 0, 0};
+/* ---- the journal ------------------------------------------------------------------------------ */
+int kv__journal_save(sc_kv *kv, uint64_t off, uint64_t n) {
+    kv_journal *j = kv->journal;
+    uint64_t end = n < j->floor - off ? off + n : j->floor;  /* callers: off < floor */
+    for (uint64_t l = off / KV_JOURNAL_LINE; l * KV_JOURNAL_LINE < end; l++) {
+        if (j->seen[l >> 6] >> (l & 63) & 1) continue;
+        if (j->n == j->cap) {
+            uint64_t cap = j->cap ? j->cap * 2 : 256;
+            uint64_t *line = realloc(j->line, cap * sizeof *line);
+            if (!line) return SC_ENOMEM;
+            j->line = line;
+            uint8_t *bytes = realloc(j->bytes, cap * KV_JOURNAL_LINE);
+            if (!bytes) return SC_ENOMEM;
+            j->bytes = bytes;
+            j->cap = cap;
+        }
+        /* A line never crosses a page (the region starts on a page boundary and pages are
+         * at least 512 bytes): restoring it writes to no page the batch did not write. */
+        memcpy(j->bytes + j->n * KV_JOURNAL_LINE, kv->data + l * KV_JOURNAL_LINE,
+               KV_JOURNAL_LINE);
+        j->line[j->n++] = l;
+        j->seen[l >> 6] |= 1ull << (l & 63);
+    }
     return SC_OK;
 }
 
-int kv__undo_replaced(kv_undo *log, uint64_t rec_new, uint64_t rec_old) {
-    if (log->n == log->cap) return SC_ENOMEM;
-    log->e[log->n++] = (kv_undo_entry){UNDO_REPLACED, rec_new, rec_old, 0};
+static int journal_start(sc_kv *kv, kv_journal *j, uint64_t floor) {
+    memset(j, 0, sizeof *j);
+    j->floor = floor;
+    uint64_t lines = (floor + KV_JOURNAL_LINE - 1) / KV_JOURNAL_LINE;
+    j->seen = calloc(lines / 64 + 1, sizeof *j->seen);
+    if (!j->seen) return SC_ENOMEM;
+    kv->journal = j;
     return SC_OK;
 }
 
-/* Called before the record is rewritten: keeps its old value length and bytes. */
-int kv__undo_in_place(const sc_kv *kv, kv_undo *log, const kv_rec *rec) {
-    if (log->n == log->cap) return SC_ENOMEM;
-    if (rec->vlen > log->arena_cap - log->used) {
-        uint64_t cap = log->arena_cap ? log->arena_cap : 4096;
-        while (cap - log->used < rec->vlen) cap *= 2;
-        uint8_t *grown = realloc(log->arena, cap);
-        if (!grown) return SC_ENOMEM;
-        log->arena = grown;
-        log->arena_cap = cap;
+/* Put every saved line back: each holds its content from before the batch's first write
+ * to it, so the order does not matter. Only lines that changed are written: a line that
+ * changed was written by this call, so its page is tracked already (a line can be saved
+ * and then not written, when tracking its page failed). */
+static void journal_restore(sc_kv *kv, const kv_journal *j) {
+    for (uint64_t i = 0; i < j->n; i++) {
+        uint8_t *p = kv->data + j->line[i] * KV_JOURNAL_LINE;
+        const uint8_t *was = j->bytes + i * KV_JOURNAL_LINE;
+        if (memcmp(p, was, KV_JOURNAL_LINE) != 0) memcpy(p, was, KV_JOURNAL_LINE);
     }
-    KV_TRY(sc_kv_read((sc_kv *)kv, rec->off + KV_BLOCK_HEAD + rec->klen, log->arena + log->used,
-                      rec->vlen));
-    log->e[log->n++] = (kv_undo_entry){UNDO_IN_PLACE, rec->off, rec->vlen, log->used};
-    log->used += rec->vlen;
-    return SC_OK;
+    kv->seg_ok = 0;  /* segments the batch made are gone */
 }
 
-static int find_record_slot(sc_kv *kv, const kv_header *h, uint64_t rec, bool to_end,
-                            kv_hit *hit) {
-    kv_rec r;
-    KV_TRY(kv__record(kv, h, rec, &r));
-    uint64_t hash = sc_kv_hash(kv->data + r.off + KV_BLOCK_HEAD, r.klen);
-    KV_TRY(kv__find(kv, h, NULL, 0, hash, rec, to_end, hit));
-    return hit->bucket ? SC_OK : SC_ECORRUPT;
-}
-
-static int undo_one(sc_kv *kv, kv_header *h, const kv_undo *log, const kv_undo_entry *e) {
-    kv_hit hit;
-    int st = SC_OK;
-    switch (e->kind) {
-    case UNDO_NEW:
-        KV_TRY(find_record_slot(kv, h, e->rec_new, true, &hit));
-        return kv__remove(kv, h, &hit);
-    case UNDO_REPLACED:
-        KV_TRY(find_record_slot(kv, h, e->rec_new, false, &hit));
-        KV_TRY(kv__set_slot_rec(kv, hit.bucket, hit.slot, e->rec_old));
-        return kv__free(kv, h, e->rec_new);
-    case UNDO_IN_PLACE: {
-        kv_rec r;
-        KV_TRY(kv__record(kv, h, e->rec_new, &r));
-        if (KV_BLOCK_HEAD + r.klen + e->rec_old > r.size) return SC_ECORRUPT;
-        uint8_t *p = kv_poke(kv, r.off + 12, 4 + r.klen + e->rec_old, &st);
-        if (!p) return st;
-        uint32_t v32 = (uint32_t)e->rec_old;
-        memcpy(p, &v32, 4);
-        if (e->rec_old) memcpy(p + 4 + r.klen, log->arena + e->saved, e->rec_old);
-        return SC_OK;
-    }
-    default:
-        return SC_ECORRUPT;
-    }
+static void journal_end(sc_kv *kv, kv_journal *j) {
+    kv->journal = NULL;
+    free(j->seen);
+    free(j->line);
+    free(j->bytes);
 }
 
 /* ---- put_many --------------------------------------------------------------------------------- */
@@ -211,7 +209,11 @@ int sc_kv_put_many(sc_kv *kv, const sc_kv_buf *keys, const sc_kv_buf *vals, uint
                    uint64_t *failed_at) {
     *failed_at = n;
     KV_TRY(check_lengths(keys, vals, n, failed_at));
-    if (!n) return kv->data ? SC_OK : SC_KV_READONLY;
+    if (!kv->data) return SC_KV_READONLY;
+    if (!n) return SC_OK;
+    const kv_header *ro;
+    int present;
+    KV_TRY(kv__header(kv, &ro, &present));
     kv_header *h;
     KV_TRY(kv__writable_header(kv, &h));
 
@@ -219,12 +221,8 @@ int sc_kv_put_many(sc_kv *kv, const sc_kv_buf *keys, const sc_kv_buf *vals, uint
     for (uint64_t i = 0; i < n && worst <= room; i++)
         worst += kv__record_size(keys[i].len, vals[i].len) + KV_BLOCK_HEAD + KV_BUCKET_BYTES;
     bool logged = worst > room;
-    kv_undo log = {0};
-    if (logged) {
-        log.e = malloc(n * sizeof *log.e);
-        if (!log.e) return SC_ENOMEM;
-        log.cap = n;
-    }
+    kv_journal journal = {0};
+    if (logged && present) KV_TRY(journal_start(kv, &journal, h->top));
     kv->reserve = logged ? 0 : worst;
 
     uint64_t ring[PF_RING];
@@ -245,7 +243,7 @@ int sc_kv_put_many(sc_kv *kv, const sc_kv_buf *keys, const sc_kv_buf *vals, uint
         if (i < 3 * PF_DIST) continue;
         uint64_t j = i - 3 * PF_DIST;
         st = kv__put_one(kv, h, keys[j].ptr, keys[j].len, ring[j % PF_RING], vals[j].ptr,
-                         vals[j].len, logged ? &log : NULL);
+                         vals[j].len);
         if (st != SC_OK) {
             *failed_at = j;
             break;
@@ -255,16 +253,10 @@ int sc_kv_put_many(sc_kv *kv, const sc_kv_buf *keys, const sc_kv_buf *vals, uint
                            KV_BUCKET_BYTES;
     }
     kv->reserve = 0;
-    if (logged) {
-        for (uint64_t k = log.n; k-- > 0;) {
-            int ust = st != SC_OK ? undo_one(kv, h, &log, &log.e[k])
-                      : log.e[k].kind == UNDO_REPLACED ? kv__free(kv, h, log.e[k].rec_old)
-                                                        : SC_OK;
-            if (ust != SC_OK && st == SC_OK) st = ust;
-            if (ust != SC_OK) break;
-        }
-        free(log.e);
-        free(log.arena);
+    if (st != SC_OK && !present) kv__uncreate(kv);
+    if (logged && present) {
+        if (st != SC_OK) journal_restore(kv, &journal);
+        journal_end(kv, &journal);
     }
     return st;
 }

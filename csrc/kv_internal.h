@@ -101,6 +101,8 @@ struct sc_kv {
     kv_header view_hdr;
     /* batch puts: bytes the wilderness must keep for items still to come */
     uint64_t reserve;
+    /* batch puts that may run out of room part-way: before-images (kv_batch.c) */
+    struct kv_journal *journal;
     /* Pages touched since the current writer-side call began (kv__begin_write). No
      * snapshot can fall inside one call, so touching such a page again is redundant, and
      * each touch costs an atomic add in the store. A small round-robin cache. */
@@ -164,12 +166,33 @@ static inline bool kv__touched(const sc_kv *kv, uint64_t page) {
     return false;
 }
 
+/* The before-images a batch put keeps so that a failure can restore the region exactly
+ * (kv_batch.c explains why). Lines are 64-byte aligned offsets of the region; each one is
+ * saved once, at its first poke, so `bytes` holds the region as the batch found it. */
+#define KV_JOURNAL_LINE 64u
+typedef struct kv_journal {
+    uint64_t floor;                  /* the map's `top` when the batch began */
+    uint64_t *seen;                  /* bitmap over the lines below floor: saved */
+    uint64_t *line;                  /* saved lines, in the order they were saved */
+    uint8_t *bytes;                  /* their content, KV_JOURNAL_LINE bytes each */
+    uint64_t n, cap;
+} kv_journal;
+int kv__journal_save(sc_kv *kv, uint64_t off, uint64_t n);
+
 /* Bytes [off, off+n) of the live region for writing: tracked (preserved for snapshots,
- * versioned, marked dirty) before the caller changes them. */
+ * versioned, marked dirty) before the caller changes them, and saved first when a batch
+ * keeps a journal. Every change to the region goes through here. */
 static inline uint8_t *kv_poke(sc_kv *kv, uint64_t off, uint64_t n, int *st) {
     if (!kv_in_region(kv, off, n) || !n) {
         *st = n ? SC_ECORRUPT : SC_OK;
         return n ? NULL : kv->data + off;
+    }
+    if (kv->journal && off < kv->journal->floor) {
+        int r = kv__journal_save(kv, off, n);
+        if (r != SC_OK) {
+            *st = r;
+            return NULL;
+        }
     }
     uint64_t first = (kv->base + off) >> kv->page_shift;
     uint64_t last = (kv->base + off + n - 1) >> kv->page_shift;
@@ -254,32 +277,19 @@ typedef struct kv_hit {
     uint32_t last_count;
 } kv_hit;
 
-/* Undo log of a batch put that might run out of room part-way (kv_batch.c). */
-typedef struct kv_undo_entry {
-    uint64_t kind, rec_new, rec_old, saved;
-} kv_undo_entry;
-typedef struct kv_undo {
-    kv_undo_entry *e;
-    uint64_t n, cap;                 /* cap: one entry per item, reserved up front */
-    uint8_t *arena;                  /* old values of records rewritten in place */
-    uint64_t used, arena_cap;
-} kv_undo;
-
 /* ---- table (kv.c); h is the live header (kv__touch_header before changing it) ----------- */
 int kv__writable_header(sc_kv *kv, kv_header **out);
 int kv__touch_header(sc_kv *kv);
 int kv__find(const sc_kv *kv, const kv_header *h, const uint8_t *key, uint64_t klen,
              uint64_t hash, uint64_t rec, bool to_end, kv_hit *hit);
 int kv__put_one(sc_kv *kv, kv_header *h, const uint8_t *key, uint64_t klen, uint64_t hash,
-                const uint8_t *val, uint64_t vlen, kv_undo *log);
+                const uint8_t *val, uint64_t vlen);
 int kv__remove(sc_kv *kv, kv_header *h, const kv_hit *hit);
 int kv__delete_one(sc_kv *kv, kv_header *h, const uint8_t *key, uint64_t klen, uint64_t hash,
                    int *found);
 int kv__grow(sc_kv *kv, kv_header *h);
 int kv__set_slot_rec(sc_kv *kv, uint64_t bucket, unsigned slot, uint64_t rec);
-int kv__undo_in_place(const sc_kv *kv, kv_undo *log, const kv_rec *rec);
-int kv__undo_replaced(kv_undo *log, uint64_t rec_new, uint64_t rec_old);
-int kv__undo_new(kv_undo *log, uint64_t rec);
+void kv__uncreate(sc_kv *kv);
 
 /* ---- heap (kv_heap.c); h is the live header, which these touch themselves ---------------- */
 /* Allocate a block of at least `bytes` (head included) of the given kind; writes its head. */

@@ -258,7 +258,10 @@ int sc_kv_verify(sc_kv *kv, char *msg, size_t msg_len) {
     vctx c = {.kv = kv, .msg = msg, .msg_len = msg_len};
     kv__begin_call(kv);
     int st = kv__header(kv, &h, &present);
-    if (st != SC_OK) return fail(&c, "header: %s", sc_kv_strerror(st));
+    if (st != SC_OK) {
+        int damaged = fail(&c, "header: %s", sc_kv_strerror(st));
+        return st == SC_KV_MISMATCH ? st : damaged;  /* opened with the wrong size */
+    }
     if (!present) return SC_OK;
     c.h = h;
     heap_counts hc = {0};

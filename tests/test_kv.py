@@ -271,6 +271,67 @@ def test_iteration_guards_against_inserts_but_not_overwrites(kv):
         list(it)
 
 
+@pytest.mark.parametrize("n", [2, 100, 511, 512, 600, 1500])
+def test_iteration_guards_small_maps_and_the_last_chunk(kv, n):
+    keys = [b"%d" % i for i in range(n)]
+    kv.put_many(keys, [b"v"] * n)
+    with pytest.raises(RuntimeError, match="changed size"):
+        for k in kv:                  # an insert through the same handle: the next item
+            kv[k + b"x"] = b"y"
+    kv.delete_many([k + b"x" for k in keys])
+    with pytest.raises(RuntimeError, match="changed size"):
+        for k in kv:                  # deletes too
+            del kv[k]
+    kv.clear()
+    kv.put_many(keys, [b"v"] * n)
+    other = KVStore(kv.store)         # another handle (or thread): caught by the end
+    it = iter(kv.items())
+    got = [next(it) for _ in range(n - 1)]
+    other[b"new"] = b"x"
+    with pytest.raises(RuntimeError, match="changed size"):
+        got += list(it)
+    del other[b"new"]
+    for k, v in kv.items():           # overwrites are fine, to the last item
+        kv[k] = v + b"w"
+    assert sorted(kv.values()) == [b"vw"] * n
+    it = iter(kv)                     # an exhausted iterator stays exhausted
+    assert len(list(it)) == n and list(it) == []
+
+
+def test_update_pairs_keys_with_their_values():
+    class SortedIterDict(dict):
+        """A dict iterating its keys sorted; values() keeps insertion order."""
+        def __iter__(self):
+            return iter(sorted(super().__iter__()))
+
+        def keys(self):
+            return sorted(super().keys())
+
+    class Pairs:
+        def __init__(self, d):
+            self.d = d
+
+        def keys(self):
+            return reversed(list(self.d))
+
+        def __getitem__(self, k):
+            return self.d[k]
+
+    store = sc.Store(size=MiB)
+    kv = KVStore(store)
+    src = SortedIterDict({b"b": b"B", b"a": b"A", b"c": b"C"})
+    want: dict = {}
+    want.update(src)
+    kv.update(src)
+    assert dict(kv.items()) == want == {b"a": b"A", b"b": b"B", b"c": b"C"}
+    kv.update(Pairs({b"x": b"X", b"y": b"Y"}))
+    kv.update([(b"p", b"P")])
+    kv.update({b"q": b"Q", b"a": b"A2"})
+    assert dict(kv.items()) == {b"a": b"A2", b"b": b"B", b"c": b"C", b"x": b"X",
+                                b"y": b"Y", b"p": b"P", b"q": b"Q"}
+    store.close()
+
+
 def test_hash_and_placement_match_mmh3(kv):
     rng = random.Random(2)
     for n in list(range(0, 40)) + [100, 1000, 65535]:
@@ -391,9 +452,24 @@ def test_region_of_a_store():
     # the region holds non-map data: refused on the first write, not silently overwritten
     with pytest.raises(ValueError, match="holds data but no key-value header"):
         KVStore(store, size=MiB)[b"k"] = b"v"
-    # the same map seen with another region size: its header disagrees
-    with pytest.raises(CorruptKV):
-        len(KVStore(store, offset=MiB, size=MiB))
+    # the same map seen with another region size: a mismatch naming the right size
+    # (opening a live handle or a view), not damage
+    msg = (rf"size={MiB}, but the map at offset={MiB} was made for a region of {2 * MiB} "
+           rf"bytes; open it with size={2 * MiB}")
+    with pytest.raises(sc.StoreMismatch, match=msg):
+        KVStore(store, offset=MiB, size=MiB)
+    with store.snapshot() as snap, pytest.raises(sc.StoreMismatch, match=msg):
+        KVStore(snap, offset=MiB, size=MiB)
+    assert isinstance(sc.StoreMismatch("x"), ValueError)
+    # a handle opened before the map existed (a replica, say) learns it at its next call
+    other = sc.Store(size=4 * MiB)
+    early = KVStore(other, size=MiB)
+    KVStore(other, size=2 * MiB)[b"k"] = b"v"
+    for call in (lambda: len(early), early.verify, lambda: early.get(b"k"),
+                 lambda: early.put_many([b"a"], [b"b"])):
+        with pytest.raises(sc.StoreMismatch, match="made for another region size"):
+            call()
+    other.close()
     for bad in [dict(offset=100), dict(offset=-4096), dict(size=5000), dict(size=4096),
                 dict(offset=3 * MiB, size=2 * MiB)]:
         with pytest.raises(ValueError):
@@ -682,6 +758,47 @@ def test_full_region_raises_and_writes_nothing():
     # deleting makes room again
     kv.delete_many(list(before)[:200])
     kv[b"another"] = b"v" * 100
+    kv.verify()
+    store.close()
+
+
+def test_failed_put_many_leaves_the_allocation_as_it_was():
+    # A batch that splits buckets and reserves segments before it runs out of room: after
+    # the failure the region is as it was, so what fit before still fits.
+    size = 256 * 1024
+    store = sc.Store(size=size)
+    kv = KVStore(store)
+    kv.put_many([b"k%05d" % i for i in range(200)], [b"v" * 60] * 200)
+    kv.delete_many([b"k%05d" % i for i in range(0, 200, 7)])   # holes below the top
+    before = kv.stats()
+    top = size - before["wilderness_bytes"]
+    image = store.read(0, top)
+    with kv.snapshot() as view:
+        keys = [b"k%05d" % i for i in range(50)] + [b"n%05d" % i for i in range(3000)]
+        values = [b"w" * (60 if i % 2 else 150) for i in range(50)] + [b"x" * 60] * 3000
+        with pytest.raises(KVFull, match=r"put_many \(at item \d+ of 3050\)"):
+            kv.put_many(keys, values)
+        assert kv.stats() == before
+        assert store.read(0, top) == image
+        assert dict(view.items()) == dict(kv.items())
+        view.verify()
+    kv.verify()
+    kv[b"big"] = b"B" * (before["wilderness_bytes"] - 4096)   # fit before: fits now
+    kv.verify()
+    store.close()
+
+
+def test_failed_first_write_leaves_no_map():
+    store = sc.Store(size=64 * 1024)
+    kv = KVStore(store)
+    with pytest.raises(KVFull):
+        kv[b"k"] = b"v" * (100 * 1024)
+    assert not kv.present and len(kv) == 0 and store.read(0, store.size) == bytes(store.size)
+    with pytest.raises(KVFull):
+        kv.put_many([b"%d" % i for i in range(1000)], [b"v" * 100] * 1000)
+    assert not kv.present and store.read(0, store.size) == bytes(store.size)
+    kv[b"k"] = b"v"                  # the region is still an empty map's
+    assert kv.present and kv[b"k"] == b"v"
     kv.verify()
     store.close()
 

@@ -3,6 +3,7 @@
  * (single and batch puts), and byte-flip fuzzing of a map's region (must never crash).
  * Last line: "N passed, M failed"; non-zero exit on failure. Optional argv[1]: seed. */
 #include <inttypes.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -465,10 +466,129 @@ static void test_args(void) {
     CHECK_ST(sc_kv_open(s, 0, 32768, 0, 0, &kv), SC_OK);
     CHECK_ST(sc_kv_put(kv, &k, 1, &k, 1), SC_OK);
     sc_kv_close(kv);
-    /* the same region opened with another length: its header disagrees */
-    CHECK_ST(sc_kv_open(s, 0, 16384, 0, 0, &kv), SC_OK);
+    /* the same region opened with another length: a mismatch, and the length it needs */
+    kv = NULL;
+    CHECK_ST(sc_kv_open(s, 0, 16384, 0, 0, &kv), SC_KV_MISMATCH);
+    CHECK(kv == NULL);
+    uint64_t recorded = 0;
+    CHECK_ST(sc_kv_recorded_size(s, 0, 0, &recorded), SC_OK);
+    CHECK(recorded == 32768);
+    uint64_t snap;
+    REQUIRE(sc_snapshot_take(s, &snap) == SC_OK);
+    CHECK_ST(sc_kv_open(s, 0, 16384, snap, 0, &kv), SC_KV_MISMATCH);
+    CHECK_ST(sc_kv_recorded_size(s, 0, snap, &recorded), SC_OK);
+    CHECK(recorded == 32768);
+    sc_snapshot_release(s, snap);
+    CHECK_ST(sc_kv_recorded_size(s, 32768, 0, &recorded), SC_OK);
+    CHECK(recorded == 0);  /* no map there */
+    /* a recorded length no region could have is damage, not a mismatch */
+    uint64_t bogus = 12345;
+    sc_store_write(s, 16, &bogus, 8);
+    CHECK_ST(sc_kv_open(s, 0, 32768, 0, 0, &kv), SC_OK);
     int present;
     CHECK_ST(sc_kv_probe(kv, &present), SC_ECORRUPT);
+    sc_kv_close(kv);
+    sc_store_close(s);
+}
+
+/* ---- a failed batch leaves the allocator and the table as they were ---------------------- */
+static void stats_equal(const sc_kv_stats *a, const sc_kv_stats *b) {
+    CHECK(a->count == b->count && a->changes == b->changes);
+    CHECK(a->buckets == b->buckets && a->level == b->level && a->split == b->split);
+    CHECK(a->splits == b->splits && a->overflow_buckets == b->overflow_buckets);
+    CHECK(a->used_bytes == b->used_bytes && a->free_bytes == b->free_bytes);
+    CHECK(a->wilderness_bytes == b->wilderness_bytes);
+}
+
+static bool region_is_zero(sc_store *s, uint64_t len) {
+    static uint8_t buf[1u << 16];
+    for (uint64_t at = 0; at < len; at += sizeof buf) {
+        uint64_t n = len - at < sizeof buf ? len - at : sizeof buf;
+        sc_store_read(s, at, buf, n);
+        for (uint64_t i = 0; i < n; i++)
+            if (buf[i]) return false;
+    }
+    return true;
+}
+
+static void test_full_batch_restores(void) {
+    uint64_t size = 256u << 10;
+    sc_store *s;
+    REQUIRE(sc_store_open(NULL, size, 4096, &s) == SC_OK);
+    sc_kv *kv;
+    REQUIRE(sc_kv_open(s, 0, size, 0, 0, &kv) == SC_OK);
+    enum { B = 3000 };
+    static uint8_t kb[B][16], vb[200];
+    sc_kv_buf ks[B], vs[B];
+    memset(vb, 'v', sizeof vb);
+    for (int j = 0; j < B; j++) {
+        snprintf((char *)kb[j], sizeof kb[j], "k%06d", j);
+        ks[j] = (sc_kv_buf){kb[j], 7};
+        vs[j] = (sc_kv_buf){vb, 60};
+    }
+    uint64_t failed;
+    CHECK_ST(sc_kv_put_many(kv, ks, vs, 200, &failed), SC_OK);
+    /* some holes below the top, and values rewritten in place and replaced */
+    for (int j = 0; j < 200; j += 5) {
+        int found;
+        CHECK_ST(sc_kv_delete(kv, ks[j].ptr, 7, &found), SC_OK);
+    }
+    sc_kv_stats before, after;
+    CHECK_ST(sc_kv_stat(kv, &before), SC_OK);
+    uint64_t top = size - before.wilderness_bytes;
+    uint8_t *image = malloc(top), *now = malloc(top);
+    sc_store_read(s, 0, image, top);
+    uint64_t snap;
+    REQUIRE(sc_snapshot_take(s, &snap) == SC_OK);
+    /* overwrites in place (60), replacements (150) and new keys until the region is full:
+     * the batch splits buckets and reserves segments before it runs out of room */
+    for (int j = 0; j < B; j++) vs[j].len = j < 100 ? (j % 2 ? 60 : 150) : 60;
+    CHECK_ST(sc_kv_put_many(kv, ks, vs, B, &failed), SC_KV_FULL);
+    CHECK(failed > 1000 && failed < B);
+    CHECK_ST(sc_kv_stat(kv, &after), SC_OK);
+    stats_equal(&before, &after);
+    sc_store_read(s, 0, now, top);
+    CHECK(memcmp(image, now, top) == 0);  /* the map's bytes, exactly */
+    verify_ok(kv);
+    /* a snapshot taken before reads the same map (restoring is tracked like any write) */
+    sc_kv *view;
+    REQUIRE(sc_kv_open(s, 0, size, snap, 0, &view) == SC_OK);
+    verify_ok(view);
+    uint64_t c0, c1, d0 = map_digest(kv, &c0), d1 = map_digest(view, &c1);
+    CHECK(c0 == c1 && d0 == d1 && c0 == 160);
+    sc_kv_close(view);
+    sc_snapshot_release(s, snap);
+    /* what fit before the failed batch still fits: the wilderness was given back */
+    uint64_t big_len = before.wilderness_bytes - 4096;
+    uint8_t *big = calloc(1, big_len);
+    CHECK_ST(sc_kv_put(kv, "big", 3, big, big_len), SC_OK);
+    verify_ok(kv);
+    free(big);
+    free(image);
+    free(now);
+    sc_kv_close(kv);
+
+    sc_store_close(s);
+
+    /* a failing first write leaves no map behind: the region is all zero again */
+    uint64_t small = 64u << 10;
+    REQUIRE(sc_store_open(NULL, small, 4096, &s) == SC_OK);
+    REQUIRE(sc_kv_open(s, 0, small, 0, 0, &kv) == SC_OK);
+    uint8_t *v = calloc(1, 100u << 10);
+    memset(v, 'x', 100u << 10);
+    int present = -1;
+    CHECK_ST(sc_kv_put(kv, "k", 1, v, 100u << 10), SC_KV_FULL);
+    CHECK_ST(sc_kv_probe(kv, &present), SC_OK);
+    CHECK(present == 0);
+    CHECK(region_is_zero(s, small));
+    for (int j = 0; j < B; j++) vs[j].len = 100;
+    CHECK_ST(sc_kv_put_many(kv, ks, vs, 1000, &failed), SC_KV_FULL);
+    CHECK_ST(sc_kv_probe(kv, &present), SC_OK);
+    CHECK(present == 0);
+    CHECK(region_is_zero(s, small));
+    CHECK_ST(sc_kv_put(kv, "k", 1, v, 100), SC_OK);  /* and a write that fits creates it */
+    verify_ok(kv);
+    free(v);
     sc_kv_close(kv);
     sc_store_close(s);
 }
@@ -476,7 +596,8 @@ static void test_args(void) {
 int main(int argc, char **argv) {
     if (argc > 1) g_rng = strtoull(argv[1], NULL, 0);
     struct { const char *name; void (*fn)(void); } tests[] = {
-        {"args", test_args}, {"model", test_model}, {"full", test_full}, {"fuzz", test_fuzz},
+        {"args", test_args},   {"model", test_model}, {"full", test_full},
+        {"full_batch_restores", test_full_batch_restores}, {"fuzz", test_fuzz},
     };
     int passed = 0, failed = 0;
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {

@@ -8,7 +8,11 @@ never releases the GIL, so when the write lock is free nobody can be writing and
 can start before the call returns: it skips the lock (about half its fixed cost) and only
 takes it when someone holds it. Views over a snapshot read through sc_snapshot_read without the lock and
 hold the snapshot (Snapshot._acquire/_done) while they read; a view call that releases the
-GIL also holds a buffer export of the store, so the store cannot be closed under it."""
+GIL also holds a buffer export of the store, so the store cannot be closed under it.
+
+Every call counts itself in KVCore._active from before it first uses the handle until it
+is done with it (as py-lmdb counts active operations), so close() cannot free the handle
+under a call that released the GIL: it raises instead, as Store.close does."""
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
@@ -45,6 +49,7 @@ cdef extern from "kv.h" nogil:
         SC_KV_FULL
         SC_KV_NOT_EMPTY
         SC_KV_READONLY
+        SC_KV_MISMATCH
     ctypedef struct sc_kv:
         pass
     ctypedef struct sc_kv_buf:
@@ -64,6 +69,7 @@ cdef extern from "kv.h" nogil:
     int sc_kv_open(sc_store *s, uint64_t base, uint64_t length, uint64_t snap_epoch,
                    uint64_t capacity, sc_kv **out)
     void sc_kv_close(sc_kv *kv)
+    int sc_kv_recorded_size(sc_store *s, uint64_t base, uint64_t snap_epoch, uint64_t *length)
     int sc_kv_probe(sc_kv *kv, int *present)
     int sc_kv_clear(sc_kv *kv)
     uint64_t sc_kv_hash(const void *key, uint64_t length) noexcept
@@ -95,7 +101,7 @@ cdef uint64_t NOGIL_BYTES = 1 << 20   # single calls copying more release the GI
 
 
 # ---- the one place KV status codes become exceptions -----------------------------------
-cdef int raise_kv(int st, str what) except -1:
+cdef int raise_kv(int st, str what, str detail=None) except -1:
     from statecore.kv import CorruptKV, KVFull
     msg = f"{what}: {sc_kv_strerror(st).decode()}"
     if st == SC_KV_FULL:
@@ -105,6 +111,9 @@ cdef int raise_kv(int st, str what) except -1:
                          "region (offset=, size=), or zero the region first")
     if st == SC_KV_READONLY:
         raise TypeError(f"{what}: this KVStore is a read-only view")
+    if st == SC_KV_MISMATCH:
+        raise errors.StoreMismatch(f"{what}: {detail}" if detail else
+                                   msg + " (open it with the offset= and size= it was made with)")
     if st == SC_ECORRUPT:
         raise CorruptKV(msg + " (the map's structure in the store is damaged; "
                         "KVStore.verify() describes it)")
@@ -247,6 +256,8 @@ cdef _Batch make_batch(object items, str what, uint64_t limit):
 # ---- the map ----------------------------------------------------------------------------
 cdef class KVCore:
     cdef sc_kv *_kv
+    cdef int _active            # calls using _kv right now (close() refuses while > 0)
+    cdef uint64_t _writes       # write calls through this handle (iterators look again)
     cdef object _store
     cdef object _snap           # Snapshot for a view, else None
     cdef object _acquire, _release_lock, _locked, _pending, _drain, _store_check
@@ -277,6 +288,8 @@ cdef class KVCore:
                 snap._done()
         else:
             st = sc_kv_open(s, offset, size, 0, capacity, &kv)
+        if st == SC_KV_MISMATCH:
+            raise_kv(st, "open key-value map", self._mismatch(s, offset, size, epoch))
         check(st, "open key-value map")
         self._kv = kv
         self._store = store
@@ -292,19 +305,37 @@ cdef class KVCore:
         self._drain = store._drain_releases
         self._store_check = store._check
 
+    cdef str _mismatch(self, sc_store *s, uint64_t offset, uint64_t size, uint64_t epoch):
+        cdef uint64_t recorded = 0
+        sc_kv_recorded_size(s, offset, epoch, &recorded)
+        return (f"size={size}, but the map at offset={offset} was made for a region of "
+                f"{recorded} bytes; open it with size={recorded}")
+
     def _detach(self):
-        if self._kv != NULL:
-            sc_kv_close(self._kv)
-            self._kv = NULL
+        cdef sc_kv *kv = self._kv
+        if kv == NULL:
+            return
+        if self._active:
+            raise errors.StateError("cannot close: a call is still running in another thread")
+        self._kv = NULL
+        sc_kv_close(kv)
 
     @property
     def closed(self):
         return self._kv == NULL
 
     # -- entering and leaving a call --
-    cdef int _enter(self) except -1:
+    # _enter/_leave bracket a call: _enter checks the handle and counts the call before
+    # anything that can run Python code or switch threads, so from then on close() refuses
+    # and _kv stays valid until _leave. _lock/_unlock only serialize with the store's
+    # writers (live) or hold the snapshot (views).
+    cdef inline int _use(self) except -1:
         if self._kv == NULL:
             raise errors.StoreClosed("KVStore is closed")
+        self._active += 1
+        return 0
+
+    cdef int _lock(self) except -1:
         if self._snap is not None:
             self._snap._acquire()
             try:
@@ -323,7 +354,7 @@ cdef class KVCore:
             raise
         return 0
 
-    cdef void _leave(self) noexcept:
+    cdef void _unlock(self) noexcept:
         if self._snap is not None:
             try:
                 self._snap._done()
@@ -332,10 +363,24 @@ cdef class KVCore:
         else:
             self._release_lock()
 
+    cdef int _enter(self) except -1:
+        self._use()
+        try:
+            self._lock()
+        except BaseException:
+            self._active -= 1
+            raise
+        return 0
+
+    cdef void _leave(self) noexcept:
+        self._unlock()
+        self._active -= 1
+
     cdef int _check_writable(self, str what) except -1:
         if self.readonly and self._kv != NULL:
             raise TypeError(f"{what}: this KVStore is read-only"
                             + (" (a view of a snapshot)" if self.is_view else ""))
+        self._writes += 1  # every write entry point passes here
         return 0
 
     cdef int _enter_write(self, str what) except -1:
@@ -346,16 +391,21 @@ cdef class KVCore:
     # (pass that to _leave_single). Call it after every argument is converted: converting
     # may run Python code, which may switch threads.
     cdef int _enter_single(self) except -1:
-        if self._snap is None and self._kv != NULL and not self._pending \
-                and not self._locked():
-            self._store_check()
-            return 0
-        self._enter()
+        self._use()
+        try:
+            if self._snap is None and not self._pending and not self._locked():
+                self._store_check()
+                return 0
+            self._lock()
+        except BaseException:
+            self._active -= 1
+            raise
         return 1
 
     cdef inline void _leave_single(self, int locked) noexcept:
         if locked:
-            self._leave()
+            self._unlock()
+        self._active -= 1
 
     # -- single keys --
     cdef object _value(self, object key, object default, bint raise_missing):
@@ -380,7 +430,7 @@ cdef class KVCore:
                         break
                     # A big copy releases the GIL: hold the lock for it, and look again
                     # (taking the lock may have let a writer in).
-                    self._enter()
+                    self._lock()
                     locked = 1
                 out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>vl)
                 dst = PyBytes_AS_STRING(out)
@@ -687,14 +737,19 @@ cdef class KVCore:
 
 cdef class _KVIter:
     """Keys (mode 0), values (1) or (key, value) pairs (2), fetched SCAN_CHUNK at a time.
-    Raises RuntimeError if a key is inserted or deleted (not merely overwritten) meanwhile."""
+    Raises RuntimeError if a key is inserted or deleted (not merely overwritten) meanwhile,
+    as dict does: the map's change counter is compared at each refill, before the end is
+    reported, and before each item once this handle has written since the last look (a
+    write through another handle or thread is caught at the next refill or the end)."""
     cdef KVCore core
     cdef int mode
     cdef sc_kv_cursor cur
     cdef uint64_t changes
+    cdef uint64_t writes        # core._writes when the change counter was last compared
     cdef list buf
     cdef Py_ssize_t pos
-    cdef bint done
+    cdef bint done              # the scan reached the end of the table
+    cdef bint finished          # StopIteration was raised
 
     @staticmethod
     cdef _KVIter start(KVCore core, int mode):
@@ -703,27 +758,46 @@ cdef class _KVIter:
         it.core = core
         it.mode = mode
         it.changes = s.changes
+        it.writes = core._writes
         it.buf = []
         it.pos = 0
         it.done = False
+        it.finished = False
         return it
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        if self.finished:
+            raise StopIteration
+        if self.core._writes != self.writes:
+            self._check_unchanged()
         if self.pos < len(self.buf):
             item = self.buf[self.pos]
             self.pos += 1
             return item
-        if self.done:
-            raise StopIteration
-        self._refill()
-        if not self.buf:
-            self.done = True
-            raise StopIteration
-        self.pos = 1
-        return self.buf[0]
+        if not self.done:
+            self._refill()
+            if self.buf:
+                self.pos = 1
+                return self.buf[0]
+        # The last chunk was served from the buffer: a change since its refill must not
+        # end the loop quietly.
+        self._check_unchanged()
+        self.finished = True
+        self.buf = []
+        raise StopIteration
+
+    cdef int _compare(self, sc_kv_stats *s) except -1:
+        if s.changes != self.changes:
+            raise RuntimeError("KVStore changed size during iteration")
+        self.writes = self.core._writes
+        return 0
+
+    cdef int _check_unchanged(self) except -1:
+        cdef sc_kv_stats s = self.core._stat()
+        return self._compare(&s)
 
     cdef int _refill(self) except -1:
         cdef KVCore c = self.core
@@ -735,8 +809,7 @@ cdef class _KVIter:
         c._enter()
         try:
             check(sc_kv_stat(c._kv, &s), "iterate")
-            if s.changes != self.changes:
-                raise RuntimeError("KVStore changed size during iteration")
+            self._compare(&s)
             check(sc_kv_scan(c._kv, &self.cur, ent, SCAN_CHUNK, &n), "iterate")
             for i in range(n):
                 if self.mode != 1:
@@ -753,4 +826,5 @@ cdef class _KVIter:
         if n < <uint64_t>SCAN_CHUNK:
             self.done = True
         self.buf = out
+        self.pos = 0
         return 0

@@ -19,7 +19,7 @@ and coalesces freed space.
 """
 from __future__ import annotations
 
-from collections.abc import ItemsView, Iterator, Mapping, MutableMapping, ValuesView
+from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
 from typing import Any, List, Optional, Union
 
 from . import _kv, errors
@@ -57,7 +57,8 @@ class KVStore(_kv.KVCore, MutableMapping):
     capacity: keys to size the table for when the map is created (it grows past that
         anyway, a bucket at a time); ignored when the region already holds a map.
     offset, size: the region of the store the map owns (page multiples; default: all of
-        it). Nothing else may write there.
+        it). Nothing else may write there. A map made with another size raises
+        sc.StoreMismatch naming the size it was made with.
     readonly: refuse writes (use it on a replica: a follower's store only changes by the
         primary's deltas).
 
@@ -116,7 +117,8 @@ class KVStore(_kv.KVCore, MutableMapping):
 
     def close(self) -> None:
         """Detach; also close the store if open() made it, or release the snapshot if
-        snapshot() took it. Idempotent."""
+        snapshot() took it. Idempotent. Raises sc.StateError (and changes nothing) while
+        a call on this KVStore is still running in another thread."""
         if self.closed:
             return
         self._detach()
@@ -127,9 +129,12 @@ class KVStore(_kv.KVCore, MutableMapping):
         if store is not None:
             store.close()
 
-    def __enter__(self) -> "KVStore":
+    def _check_open(self) -> None:
         if self.closed:
             raise errors.StoreClosed("KVStore is closed")
+
+    def __enter__(self) -> "KVStore":
+        self._check_open()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -151,6 +156,7 @@ class KVStore(_kv.KVCore, MutableMapping):
     def snapshot(self) -> "KVStore":
         """Snapshot the store (O(1)) and return a read-only view of the map as of now; the
         view owns the snapshot and releases it on close() (or `with`)."""
+        self._check_open()
         if self.is_view:
             raise TypeError("snapshot() of a view: take views of the live KVStore")
         snap = self.store.snapshot()
@@ -164,6 +170,7 @@ class KVStore(_kv.KVCore, MutableMapping):
 
     def snapshot_view(self, snap: Snapshot) -> "KVStore":
         """A read-only view of this map (same region) inside `snap`, a snapshot of its store."""
+        self._check_open()
         if not isinstance(snap, Snapshot):
             raise TypeError(f"snap must be a Snapshot, got {type(snap).__name__}")
         if snap._store is not None and snap._store is not self.store:
@@ -172,6 +179,7 @@ class KVStore(_kv.KVCore, MutableMapping):
 
     def commit(self) -> int:
         """DurableStore.commit() of the underlying store: the map as of now is durable."""
+        self._check_open()
         commit = getattr(self.store, "commit", None)
         if commit is None:
             raise TypeError("commit() needs a DurableStore (KVStore.open(..., durable=True))")
@@ -186,12 +194,15 @@ class KVStore(_kv.KVCore, MutableMapping):
 
     def update(self, other: Any = (), /, **kwds: Any) -> None:
         """Like dict.update, in one put_many (so all or nothing)."""
+        self._check_open()
         if kwds:
             raise TypeError("KVStore keys are bytes: keyword arguments cannot be keys")
-        if isinstance(other, Mapping):
-            keys: List[Any] = list(other)
-            values: List[Any] = [other[k] for k in keys] if not isinstance(other, dict) \
-                else list(other.values())
+        keys: List[Any]
+        values: List[Any]
+        if type(other) is dict:
+            # Only an exact dict is known to list values() in the order of its keys: a
+            # subclass may iterate in another order (dict.update asks it for keys() too).
+            keys, values = list(other), list(other.values())
         elif hasattr(other, "keys"):
             keys = list(other.keys())
             values = [other[k] for k in keys]

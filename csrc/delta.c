@@ -348,10 +348,13 @@ sc_status sc_delta_apply(sc_store *s, const sc_delta_view *v, const uint8_t *pay
     uint64_t *ids = malloc((n ? n : 1) * 8), *vers = malloc((n ? n : 1) * 8);
     const uint8_t **src = malloc((n ? n : 1) * sizeof *src);
     if (!ids || !vers || !src) { st = SC_ENOMEM; goto out; }
-    for (uint64_t i = 0; i < n; i++) {
-        if (v->versions[i] <= sc__load_version(s, v->ids[i])) continue; /* idempotence */
-        ids[k] = v->ids[i];
-        vers[k] = v->versions[i];
+    for (uint64_t i = 0, prev = 0; i < n; i++) {
+        uint64_t id = sc__read_once(&v->ids[i]), version = sc__read_once(&v->versions[i]);
+        if (!sc__index_entry_ok(s, h, i, id, prev, version)) { st = SC_ECORRUPT; goto out; }
+        prev = id;
+        if (version <= sc__load_version(s, id)) continue; /* idempotence */
+        ids[k] = id;
+        vers[k] = version;
         src[k++] = payload + i * h->page_size;
     }
     st = sc__write_pages_from(s, ids, vers, src, k, 0, NULL);

@@ -248,6 +248,22 @@ static inline uint64_t sc__load_version(const sc_store *s, uint64_t p) {
     return atomic_load_explicit(&s->versions[p], memory_order_acquire);
 }
 
+/* The index of a parsed view (ids, versions) lies in the caller's buffer, which
+ * sc_delta_parse checked but which may have changed since: a writable buffer decoded
+ * without a copy, a checkpoint file changed under its mapping. Whoever writes the store by
+ * it reads each entry once (volatile: the compiler may not read it again later) and checks
+ * it again as the parser did, before anything is written: a page of this store, after
+ * the entry before it, with a version in (base, target]. A few compares a page. */
+static inline uint64_t sc__read_once(const uint64_t *p) {
+    return *(const volatile uint64_t *)p;
+}
+
+static inline bool sc__index_entry_ok(const sc_store *s, const sc_header *h, uint64_t i,
+                                      uint64_t id, uint64_t prev_id, uint64_t version) {
+    return id < s->n_pages && (i == 0 || id > prev_id) && version > h->base_epoch &&
+           version <= h->target_epoch;
+}
+
 /* Counters and bitmap words that only the (serialized) writer modifies: a relaxed load and
  * store instead of a locked read-modify-write. On x86 a locked instruction also drains the
  * store buffer, and right after a page copy that buffer is full: the lock cost more than

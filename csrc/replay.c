@@ -57,16 +57,21 @@ static void scratch_clear(coalesce_state *c) {
     for (uint64_t i = 0; i < c->n_distinct; i++) c->win[c->distinct[i]] = (winner){0, 0, 0};
 }
 
-static void coalesce(const sc_delta_view *views, uint64_t k, coalesce_state *c,
-                     sc_replay_result *r) {
+/* SC_ECORRUPT when an index entry changed after parsing (sc__index_entry_ok): nothing is
+ * written yet, and the entries seen so far are in `distinct` for scratch_clear. */
+static sc_status coalesce(const sc_store *s, const sc_delta_view *views, uint64_t k,
+                          coalesce_state *c, sc_replay_result *r) {
     for (uint64_t d = 0; d < k; d++) {
         const sc_delta_view *v = &views[d];
-        for (uint64_t row = 0; row < v->header.n_pages; row++) {
-            winner *w = &c->win[v->ids[row]];
-            uint64_t version = v->versions[row];
+        for (uint64_t row = 0, prev = 0; row < v->header.n_pages; row++) {
+            uint64_t id = sc__read_once(&v->ids[row]);
+            uint64_t version = sc__read_once(&v->versions[row]);
+            if (!sc__index_entry_ok(s, &v->header, row, id, prev, version)) return SC_ECORRUPT;
+            prev = id;
+            winner *w = &c->win[id];
             r->pages_in++;
             if (!w->delta) {
-                c->distinct[c->n_distinct++] = v->ids[row];
+                c->distinct[c->n_distinct++] = id;
             } else {
                 r->pages_superseded++;
                 /* Same version means same bytes; on ties the later delta wins. */
@@ -75,6 +80,7 @@ static void coalesce(const sc_delta_view *views, uint64_t k, coalesce_state *c,
             *w = (winner){version, (uint32_t)(d + 1), (uint32_t)row};
         }
     }
+    return SC_OK;
 }
 
 sc_status sc_replay(sc_store *s, const sc_delta_view *views, const uint8_t *const *payloads,
@@ -99,7 +105,11 @@ sc_status sc_replay_progress(sc_store *s, const sc_delta_view *views,
         st = SC_ENOMEM;
         goto out;
     }
-    coalesce(views, k, &c, out);
+    st = coalesce(s, views, k, &c, out);
+    if (st) {
+        memset(out, 0, sizeof *out);
+        goto out;
+    }
     uint64_t m = 0;
     for (uint64_t i = 0; i < c.n_distinct; i++) {
         uint64_t id = c.distinct[i];

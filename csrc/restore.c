@@ -12,6 +12,7 @@
 typedef struct {
     sc_store *s;
     const sc_delta_view *v;
+    const uint64_t *ids; /* the view's page ids, read once and checked (sc__read_once) */
     _Atomic uint64_t first_bad; /* lowest failing entry seen so far; UINT64_MAX: none */
     sc_progress *progress;
 } restore_job;
@@ -42,7 +43,7 @@ static int restore_range(void *ctx, uint64_t begin, uint64_t end) {
         /* Copy, then check the copies (in cache, several side by side): what is verified
          * is what stays, even if the file under the mapping changed meanwhile. */
         for (uint64_t m = 0; m < k; m++) {
-            uint8_t *dst = s->data + (j->v->ids[i + m] << s->page_shift);
+            uint8_t *dst = s->data + (j->ids[i + m] << s->page_shift);
             memcpy(dst, j->v->payload + ((i + m) << s->page_shift), s->page_size);
             copied[m] = dst;
         }
@@ -63,10 +64,9 @@ static int restore_range(void *ctx, uint64_t begin, uint64_t end) {
 
 /* Back to all zeroes, the content of an empty store. Anonymous memory is handed back to
  * the kernel instead of being written over. */
-static void wipe(sc_store *s, const sc_delta_view *v) {
+static void wipe(sc_store *s, const uint64_t *ids, uint64_t n) {
     if (s->fd < 0 && madvise(s->data, s->size, MADV_DONTNEED) == 0) return;
-    for (uint64_t i = 0; i < v->header.n_pages; i++)
-        memset(s->data + (v->ids[i] << s->page_shift), 0, s->page_size);
+    for (uint64_t i = 0; i < n; i++) memset(s->data + (ids[i] << s->page_shift), 0, s->page_size);
 }
 
 sc_status sc_checkpoint_restore(sc_store *s, const sc_delta_view *v, uint64_t *bad_page,
@@ -76,16 +76,31 @@ sc_status sc_checkpoint_restore(sc_store *s, const sc_delta_view *v, uint64_t *b
     if (h->page_size != s->page_size || h->store_pages != s->n_pages) return SC_EINCOMPAT;
     if (!store_is_empty(s)) return SC_EINVAL;
     uint64_t n = h->n_pages;
+    if (bad_page) *bad_page = UINT64_MAX;
+    /* The index is in the caller's mapping of the file: taken (and checked again) before
+     * anything is written, so the copy, a wipe and the restamps all use the same pages. */
+    uint64_t *index = malloc((n ? n : 1) * 16), *ids = index, *versions = index + n;
+    if (!index) return SC_ENOMEM;
+    for (uint64_t i = 0; i < n; i++) {
+        ids[i] = sc__read_once(&v->ids[i]);
+        versions[i] = sc__read_once(&v->versions[i]);
+        if (!sc__index_entry_ok(s, h, i, ids[i], i ? ids[i - 1] : 0, versions[i])) {
+            free(index);
+            return SC_ECORRUPT;
+        }
+    }
     if (progress) atomic_store(&progress->total, n << s->page_shift);
-    restore_job job = {s, v, UINT64_MAX, progress};
+    restore_job job = {s, v, ids, UINT64_MAX, progress};
     int st = sc__parallel_for(n, sc__threads_for(n << s->page_shift, 0), restore_range, &job);
     if (st) {
-        wipe(s, v);
+        wipe(s, ids, n);
+        free(index);
         if (bad_page) *bad_page = atomic_load(&job.first_bad);
         return (sc_status)st;
     }
     /* Cannot fail: with no snapshot alive nothing needs a preserved copy. */
-    for (uint64_t i = 0; i < n; i++) (void)sc__prepare_page(s, v->ids[i], v->versions[i]);
+    for (uint64_t i = 0; i < n; i++) (void)sc__prepare_page(s, ids[i], versions[i]);
+    free(index);
     sc_store_publish(s);
     if (progress) atomic_store(&progress->done, n << s->page_shift);
     atomic_fetch_add_explicit(&s->pages_applied, n, memory_order_relaxed);

@@ -201,7 +201,9 @@ sc_status sc_verify_pages(const sc_delta_view *v, const uint8_t *payload, uint64
 void sc_header_seal(sc_header *h, const void *index);
 
 /* Apply a parsed delta: pages newer than the store's are written. allow_gap skips the
- * epoch-gap check. payload must hold n_pages*page_size uncompressed bytes. */
+ * epoch-gap check. payload must hold n_pages*page_size uncompressed bytes. The view's
+ * index is read again from its buffer and checked as it is used: SC_ECORRUPT, with
+ * nothing written, when it changed after sc_delta_parse (the same for replay). */
 sc_status sc_delta_apply(sc_store *s, const sc_delta_view *v, const uint8_t *payload,
                          int allow_gap, uint64_t *pages_written);
 
@@ -234,8 +236,9 @@ sc_status sc_checkpoint_save(sc_store *s, uint64_t epoch, int fd, uint64_t *byte
                              sc_progress *progress);
 /* Restore a checkpoint parsed without page verification into an empty store (no page ever
  * written, no snapshot): every page is verified as it is copied. On SC_ECORRUPT *bad_page
- * is the first failing entry and the store is empty again. Moves the epoch past the
- * checkpoint's. progress may be NULL. */
+ * is the first failing entry (UINT64_MAX: the index changed after parsing, nothing was
+ * written) and the store is empty again. Moves the epoch past the checkpoint's. progress
+ * may be NULL. */
 sc_status sc_checkpoint_restore(sc_store *s, const sc_delta_view *v, uint64_t *bad_page,
                                 sc_progress *progress);
 /* Set the store's epoch (after restoring a checkpoint into a fresh store). */

@@ -1674,6 +1674,114 @@ static void test_restore_first_bad(void) {
     free(buf);
 }
 
+/* A parsed view's index lies in the caller's buffer and may change after parsing (a
+ * writable buffer decoded without a copy, a checkpoint file changed under its mapping).
+ * Apply, replay and restore check each entry again as they use it: SC_ECORRUPT and nothing
+ * written, never a write outside the store (ASan would catch one here). */
+typedef struct { int which; uint64_t value; } index_edit; /* which: 0 last id, 1 last version */
+
+static void edit_index(uint8_t *buf, const sc_delta_view *v, index_edit e, uint64_t *saved) {
+    uint64_t n = v->header.n_pages;
+    uint64_t *at = (uint64_t *)(buf + SC_HEADER_SIZE) + e.which * n + n - 1;
+    if (saved) *saved = *at;
+    *at = e.value;
+}
+
+static void check_untouched(sc_store *s) {
+    CHECK_EQ_U64(sc_store_epoch(s), 1);
+    CHECK_EQ_U64(sc_store_dirty_count(s), 0);
+    uint64_t nonzero = 0, n = sc_store_n_pages(s);
+    for (uint64_t p = 0; p < n; p++) nonzero += sc_store_page_version(s, p) != 0;
+    CHECK_EQ_U64(nonzero, 0);
+    const uint8_t *data = sc_store_data(s);
+    for (uint64_t i = 0; i < sc_store_size(s); i++)
+        if (data[i]) { CHECK(!"a refused call wrote the store"); break; }
+}
+
+static void test_index_changed_after_parse(void) {
+    model a;
+    if (model_open(&a, 64, 512)) return;
+    for (int i = 0; i < 30; i++) model_random_write(&a);
+    int s1 = model_snapshot(&a);
+    for (int i = 0; i < 30; i++) model_random_write(&a);
+    int s2 = model_snapshot(&a);
+    sc_delta_view v[2];
+    uint64_t len[2];
+    uint8_t *d[2];
+    d[0] = build_parsed(a.s, 0, a.snaps[s1].epoch, &v[0], &len[0]);
+    d[1] = build_parsed(a.s, a.snaps[s1].epoch, a.snaps[s2].epoch, &v[1], &len[1]);
+    REQUIRE(d[0] && d[1]);
+    REQUIRE(v[1].header.n_pages >= 2);
+    const uint64_t *ids1 = (const uint64_t *)(d[1] + SC_HEADER_SIZE);
+    const index_edit edits[] = {
+        {0, a.n},                              /* one past the store's pages */
+        {0, UINT64_MAX >> 3},                  /* far past: the shift would wrap */
+        {0, ids1[0]},                          /* an earlier page again (out of order) */
+        {1, v[1].header.base_epoch},           /* version at the base */
+        {1, v[1].header.target_epoch + 1},     /* version past the target */
+    };
+    const uint8_t *payloads[2] = {v[0].payload, v[1].payload};
+    for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++) {
+        sc_store *b = NULL;
+        CHECK_ST(sc_store_open(NULL, a.size, 512, &b), SC_OK);
+        if (!b) continue;
+        uint64_t saved, written = 77;
+        edit_index(d[1], &v[1], edits[i], &saved);
+        CHECK_ST(sc_delta_apply(b, &v[1], v[1].payload, 1, &written), SC_ECORRUPT);
+        CHECK_EQ_U64(written, 77);
+        check_untouched(b);
+        /* Replay: the first delta's pages are coalesced before the bad entry is seen. */
+        sc_replay_result r;
+        CHECK_ST(sc_replay(b, v, payloads, 2, 0, 0, &r), SC_ECORRUPT);
+        CHECK_EQ_U64(r.pages_written, 0);
+        check_untouched(b);
+        edit_index(d[1], &v[1], (index_edit){edits[i].which, saved}, NULL);
+        /* Put back: both work, and the failed replay left no stale winners behind. */
+        CHECK_ST(sc_replay(b, v, payloads, 2, 0, 0, &r), SC_OK);
+        CHECK(memcmp(sc_store_data(b), a.snaps[s2].bytes, a.size) == 0);
+        sc_store_close(b);
+        CHECK_ST(sc_store_open(NULL, a.size, 512, &b), SC_OK);
+        if (!b) continue;
+        CHECK_ST(sc_delta_apply(b, &v[0], v[0].payload, 0, NULL), SC_OK);
+        CHECK_ST(sc_delta_apply(b, &v[1], v[1].payload, 0, NULL), SC_OK);
+        CHECK(memcmp(sc_store_data(b), a.snaps[s2].bytes, a.size) == 0);
+        sc_store_close(b);
+    }
+
+    /* Restore of a checkpoint whose index changes after it was parsed. */
+    char path[PATH_MAX];
+    CHECK_ST(save_to_file(a.s, a.snaps[s2].epoch, "index-changed.sc", path), SC_OK);
+    uint64_t clen = 0, bad = 0;
+    uint8_t *ck = read_file(path, &clen);
+    REQUIRE(ck);
+    sc_delta_view cv;
+    CHECK_ST(sc_delta_parse(ck, clen, SC_KIND_CHECKPOINT, 0, &cv, &bad), SC_OK);
+    REQUIRE(cv.header.n_pages >= 2);
+    const uint64_t *cids = (const uint64_t *)(ck + SC_HEADER_SIZE);
+    const index_edit ck_edits[] = {{0, a.n}, {0, UINT64_MAX >> 3}, {0, cids[0]}, {1, 0},
+                                   {1, cv.header.target_epoch + 1}};
+    for (size_t i = 0; i < sizeof ck_edits / sizeof ck_edits[0]; i++) {
+        sc_store *b = NULL;
+        CHECK_ST(sc_store_open(NULL, a.size, 512, &b), SC_OK);
+        if (!b) continue;
+        uint64_t saved;
+        edit_index(ck, &cv, ck_edits[i], &saved);
+        bad = 0;
+        CHECK_ST(sc_checkpoint_restore(b, &cv, &bad, NULL), SC_ECORRUPT);
+        CHECK_EQ_U64(bad, UINT64_MAX);
+        check_untouched(b);
+        edit_index(ck, &cv, (index_edit){ck_edits[i].which, saved}, NULL);
+        CHECK_ST(sc_checkpoint_restore(b, &cv, &bad, NULL), SC_OK);
+        CHECK(memcmp(sc_store_data(b), a.snaps[s2].bytes, a.size) == 0);
+        sc_store_close(b);
+    }
+    unlink(path);
+    free(ck);
+    sc_buffer_free(d[0], len[0]);
+    sc_buffer_free(d[1], len[1]);
+    model_close(&a);
+}
+
 static void test_murmur3(void) {
     static const struct {
         const char *data;
@@ -2067,6 +2175,7 @@ static const test_case tests[] = {
     {"replay", test_replay},
     {"checkpoint", test_checkpoint},
     {"restore_first_bad", test_restore_first_bad},
+    {"index_changed_after_parse", test_index_changed_after_parse},
     {"snapshot_floor", test_snapshot_floor},
     {"murmur3", test_murmur3},
     {"threaded_snapshot", test_threaded_snapshot},

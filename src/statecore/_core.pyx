@@ -5,6 +5,7 @@ releases the GIL around bulk work and counts buffer exports and in-flight calls.
 
 import os
 
+cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.pycapsule cimport PyCapsule_New
@@ -14,6 +15,9 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from statecore import errors
+
+cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
 
 HEADER_SIZE = SC_HEADER_SIZE
 FORMAT_VERSION = SC_FORMAT_VERSION
@@ -122,6 +126,15 @@ cdef inline void fill_byte_view(Py_buffer *view, object owner, void *buf, Py_ssi
     view.internal = NULL
 
 
+cdef object _not_copyable(object obj, str how):
+    return TypeError(f"cannot copy or pickle a {type(obj).__name__}: it is a view of native "
+                     f"memory owned by statecore; {how}")
+
+
+# Cython's automatic pickling would copy the fields: the data pointer of a NativeBuffer
+# (freed twice), the store of a _Region (an export the store never counted). Neither can be
+# copied or pickled.
+@cython.auto_pickle(False)
 cdef class NativeBuffer:
     """A read-only buffer made by the core (a delta, a page list), exported without copies."""
     cdef uint8_t *data
@@ -137,6 +150,9 @@ cdef class NativeBuffer:
 
     def __len__(self):
         return self.length
+
+    def __reduce_ex__(self, protocol):
+        raise _not_copyable(self, "copy its bytes instead (bytes(buf))")
 
     def __getbuffer__(self, Py_buffer *view, int flags):
         if flags & PyBUF_WRITABLE:
@@ -155,6 +171,7 @@ cdef NativeBuffer wrap_native(uint8_t *data, uint64_t length, bint mapped=False)
     return b
 
 
+@cython.auto_pickle(False)
 cdef class _Region:
     """Writable view of the live bytes, for StateArray's in-place numpy writes only.
     Counts as an export of the store, so the mapping cannot go away under it."""
@@ -162,12 +179,19 @@ cdef class _Region:
     cdef Py_ssize_t shape[1]
 
     def __getbuffer__(self, Py_buffer *view, int flags):
+        if self.store is None:
+            raise TypeError("this _Region belongs to no store: get one from "
+                            "StoreCore._writable_region()")
         self.store._enter_export()
         fill_byte_view(view, self, <void *>sc_store_data(self.store._s), self.shape,
                        <Py_ssize_t>sc_store_size(self.store._s), False)
 
     def __releasebuffer__(self, Py_buffer *view):
-        self.store._exports -= 1
+        if self.store is not None:
+            self.store._exports -= 1
+
+    def __reduce_ex__(self, protocol):
+        raise _not_copyable(self, "ask the store for another (StoreCore._writable_region())")
 
 
 cdef class Progress:
@@ -338,6 +362,12 @@ cdef tuple _describe_existing(bytes path, sc_status st, uint64_t size, uint32_t 
 
 
 # ---- the store -----------------------------------------------------------------------
+# SC_ECORRUPT from apply or replay: the delta passed every check when it was parsed, so its
+# index (in a buffer decoded with copy=False) was changed since.
+cdef str INDEX_CHANGED = ("its page index changed after it was validated (was the buffer "
+                          "given to Delta.decode(copy=False) changed?); nothing was applied")
+
+
 cdef class StoreCore:
     """Owns an sc_store. Subclassed by statecore.Store."""
     cdef sc_store *_s
@@ -359,12 +389,21 @@ cdef class StoreCore:
     def _open(self, path, uint64_t size, uint32_t page_size):
         cdef bytes p = os.fsencode(path) if path is not None else None
         cdef const char *cp = NULL
+        cdef sc_store *s = NULL
         cdef sc_status st
+        if self._s != NULL:
+            raise ValueError("store is already open")
         if p is not None:
             cp = p
         with nogil:
-            st = sc_store_open(cp, size, page_size, &self._s)
-        if st != SC_OK:
+            st = sc_store_open(cp, size, page_size, &s)
+        if st == SC_OK:
+            if self._s != NULL:
+                # Another thread opened it while the GIL was released: keep that one.
+                sc_store_close(s)
+                raise ValueError("store is already open")
+            self._s = s
+        else:
             what = f"open {os.fsdecode(p)!r}" if p is not None else "create anonymous store"
             detail = None
             if p is not None and (st == SC_EMISMATCH or st == SC_EFORMAT):
@@ -448,8 +487,13 @@ cdef class StoreCore:
         return self._exports
 
     def _uuid(self):
-        self._check()
-        return bytes(sc_store_uuid(self._s)[:16])
+        # Entered while the bytes object is made: allocating may run Python code (a
+        # finalizer), which must not be able to close the store under the copy.
+        self._enter()
+        try:
+            return PyBytes_FromStringAndSize(<const char *>sc_store_uuid(self._s), 16)
+        finally:
+            self._leave()
 
     def _set_uuid(self, bytes uuid not None):
         self._check()
@@ -504,11 +548,17 @@ cdef class StoreCore:
 
     def _write_pages(self, const uint64_t[::1] ids not None, const uint8_t[::1] data not None):
         cdef sc_status st
-        cdef uint64_t n = ids.shape[0]
-        if n == 0:
-            return
+        cdef uint64_t n = ids.shape[0], ps
+        cdef uint64_t nbytes = data.shape[0]
         self._enter()
         try:
+            ps = sc_store_page_size(self._s)
+            # The core copies n whole pages from data: it must hold exactly that many.
+            if nbytes // ps != n or nbytes % ps:
+                raise ValueError(f"data must hold len(ids) * page_size = {n} * {ps} bytes, "
+                                 f"got {nbytes}")
+            if n == 0:
+                return
             with nogil:
                 st = sc_store_write_pages(self._s, &ids[0], n, &data[0])
             check(st, "write_pages")
@@ -581,12 +631,23 @@ cdef class StoreCore:
         finally:
             self._leave()
 
+    cdef bytes _read_buffer(self, uint64_t offset, uint64_t length):
+        """The bytes object a read of [offset, offset+length) fills, once the range is known
+        to lie in the store (so its length fits a Py_ssize_t). Called entered."""
+        cdef uint64_t size = sc_store_size(self._s)
+        if length > size or offset > size - length:
+            raise IndexError(f"length {length} at offset {offset} is out of range for a store "
+                             f"of {size} bytes")
+        return PyBytes_FromStringAndSize(NULL, <Py_ssize_t>length)
+
     def _read(self, uint64_t offset, uint64_t length):
-        cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>length)
-        cdef char *dst = PyBytes_AS_STRING(out)
+        cdef bytes out
+        cdef char *dst
         cdef sc_status st
         self._enter()
         try:
+            out = self._read_buffer(offset, length)
+            dst = PyBytes_AS_STRING(out)
             with nogil:
                 st = sc_store_read(self._s, offset, dst, length)
             check(st, "read")
@@ -630,11 +691,13 @@ cdef class StoreCore:
         return bool(applied)
 
     def _snap_read(self, uint64_t epoch, uint64_t offset, uint64_t length):
-        cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>length)
-        cdef char *dst = PyBytes_AS_STRING(out)
+        cdef bytes out
+        cdef char *dst
         cdef sc_status st
         self._enter()
         try:
+            out = self._read_buffer(offset, length)
+            dst = PyBytes_AS_STRING(out)
             with nogil:
                 st = sc_snapshot_read(self._s, epoch, offset, dst, length)
             check(st, "snapshot read")
@@ -643,14 +706,20 @@ cdef class StoreCore:
         return out
 
     def _snap_read_pages(self, uint64_t epoch, const uint64_t[::1] ids not None):
-        cdef uint64_t n = ids.shape[0]
-        cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n * sc_store_page_size(self._s)))
-        cdef bytes vers = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n * 8))
-        cdef char *dst = PyBytes_AS_STRING(out)
-        cdef uint64_t *vp = <uint64_t *>PyBytes_AS_STRING(vers)
+        cdef uint64_t n = ids.shape[0], ps
+        cdef bytes out, vers
+        cdef char *dst
+        cdef uint64_t *vp
         cdef sc_status st = SC_OK
-        self._enter()
+        self._enter()  # before the page size is read: the store may be closed
         try:
+            ps = sc_store_page_size(self._s)
+            if n > <uint64_t>PY_SSIZE_T_MAX // ps:
+                raise ValueError(f"ids: {n} pages of {ps} bytes do not fit in one bytes object")
+            out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n * ps))
+            vers = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n * 8))
+            dst = PyBytes_AS_STRING(out)
+            vp = <uint64_t *>PyBytes_AS_STRING(vers)
             if n:
                 with nogil:
                     st = sc_snapshot_read_pages(self._s, epoch, &ids[0], n, dst, vp)
@@ -723,14 +792,20 @@ cdef class StoreCore:
         try:
             with nogil:
                 st = sc_delta_apply(self._s, &dv.v, dv.payload, allow_gap, &written)
-            check(st, f"apply delta ({dv.v.header.base_epoch}, {dv.v.header.target_epoch}] "
-                      f"to store at epoch {sc_store_epoch(self._s)}")
+            if st != SC_OK:
+                raise_status(st, f"apply delta ({dv.v.header.base_epoch}, "
+                                 f"{dv.v.header.target_epoch}] to store at epoch "
+                                 f"{sc_store_epoch(self._s)}", None,
+                             INDEX_CHANGED if st == SC_ECORRUPT else None)
         finally:
             self._leave()
         return written
 
     def _replay(self, list views not None, bint allow_gap, int threads, Progress progress=None):
-        cdef uint64_t k = len(views), i
+        # A tuple of its own: the views (and the buffers they point into) stay alive while
+        # the core reads them without the GIL, whatever another thread does to the list.
+        cdef tuple held = tuple(views)
+        cdef uint64_t k = len(held), i
         cdef sc_delta_view *vs = <sc_delta_view *>malloc((k or 1) * sizeof(sc_delta_view))
         cdef const uint8_t **ps = <const uint8_t **>malloc((k or 1) * sizeof(uint8_t *))
         cdef sc_replay_result r
@@ -743,7 +818,9 @@ cdef class StoreCore:
             raise MemoryError("replay")
         try:
             for i in range(k):
-                dv = views[i]
+                dv = held[i]
+                if dv is None:
+                    raise TypeError(f"views[{i}] is None, not a DeltaView")
                 if not dv.has_pages:
                     raise ValueError("delta has no decompressed pages attached")
                 vs[i] = dv.v
@@ -752,7 +829,9 @@ cdef class StoreCore:
             try:
                 with nogil:
                     st = sc_replay_progress(self._s, vs, ps, k, allow_gap, threads, &r, pp)
-                check(st, "replay")
+                if st != SC_OK:
+                    raise_status(st, "replay", None,
+                                 INDEX_CHANGED if st == SC_ECORRUPT else None)
             finally:
                 self._leave()
         finally:
@@ -789,15 +868,31 @@ cdef class StoreCore:
             if st == SC_EINVAL:
                 raise ValueError("a checkpoint restores only into an empty store "
                                  "(no page written, no snapshot)")
+            if st == SC_ECORRUPT:
+                raise_status(st, "restore checkpoint", corrupt,
+                             "its page index changed after it was validated (was the file "
+                             "written meanwhile?); nothing was restored")
             check(st, "restore checkpoint", corrupt)
         finally:
             self._leave()
 
-    def _capsule(self):
-        """The sc_store pointer for sibling extension modules (statecore._kv). Valid while
-        the store is open; callers check `closed` and hold the write lock for writes."""
-        self._check()
-        return PyCapsule_New(<void *>self._s, b"statecore.sc_store", NULL)
+    def _enter_call(self):
+        """For sibling extension modules (statecore._kv): count a call as running, as this
+        class's own calls do, and return the sc_store pointer as a capsule. The pointer
+        stays valid until the matching _leave_call(): close() refuses (StateError) until
+        then. Take it after any Python code the call runs, just before the C use."""
+        self._enter()
+        try:
+            return PyCapsule_New(<void *>self._s, b"statecore.sc_store", NULL)
+        except BaseException:
+            self._leave()
+            raise
+
+    def _leave_call(self):
+        """Ends a call counted by _enter_call()."""
+        if self._active <= 0:
+            raise RuntimeError("_leave_call() without a matching _enter_call()")
+        self._leave()
 
     def _stats(self):
         cdef sc_stats s

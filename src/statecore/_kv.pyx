@@ -115,8 +115,8 @@ cdef int raise_kv(int st, str what, str detail=None) except -1:
         raise errors.StoreMismatch(f"{what}: {detail}" if detail else
                                    msg + " (open it with the offset= and size= it was made with)")
     if st == SC_ECORRUPT:
-        raise CorruptKV(msg + " (the map's structure in the store is damaged; "
-                        "KVStore.verify() describes it)")
+        raise CorruptKV((f"{what}: {detail}" if detail else msg) + " (the map's structure in "
+                        "the store is damaged; KVStore.verify() describes it)")
     # Every status the core shares: its one map in _core.
     _core._raise_status(st, what, CorruptKV)
     return -1
@@ -276,21 +276,36 @@ cdef class KVCore:
 
     def _attach(self, store, snap, uint64_t offset, uint64_t size, uint64_t capacity,
                 bint readonly):
-        cdef sc_store *s = <sc_store *>PyCapsule_GetPointer(store._capsule(), b"statecore.sc_store")
+        cdef sc_store *s
         cdef sc_kv *kv = NULL
         cdef uint64_t epoch = 0 if snap is None else snap.epoch
         cdef int st
+        cdef str mismatch = None
+        if self._kv != NULL:
+            raise ValueError("KVStore is already attached")
         if snap is not None:
             snap._acquire()
+        try:
+            # The store pointer is taken last, after every Python call, and the store
+            # counts this as a running call until it is no longer used: a close() from
+            # another thread meanwhile raises instead of freeing it.
+            capsule = store._enter_call()
             try:
+                s = <sc_store *>PyCapsule_GetPointer(capsule, b"statecore.sc_store")
                 st = sc_kv_open(s, offset, size, epoch, capacity, &kv)
+                if st == SC_KV_MISMATCH:
+                    mismatch = self._mismatch(s, offset, size, epoch)
             finally:
+                store._leave_call()
+        finally:
+            if snap is not None:
                 snap._done()
-        else:
-            st = sc_kv_open(s, offset, size, 0, capacity, &kv)
         if st == SC_KV_MISMATCH:
-            raise_kv(st, "open key-value map", self._mismatch(s, offset, size, epoch))
+            raise_kv(st, "open key-value map", mismatch)
         check(st, "open key-value map")
+        if self._kv != NULL:  # attached by another thread meanwhile
+            sc_kv_close(kv)
+            raise ValueError("KVStore is already attached")
         self._kv = kv
         self._store = store
         self._snap = snap
@@ -528,7 +543,13 @@ cdef class KVCore:
             check(sc_kv_stat(self._kv, &s), "len")
         finally:
             self._leave_single(locked)
-        return s.count
+        # The count is read from the region's bytes as they are: every entry takes at least
+        # a block header (16 bytes) of the region, so a larger count is damage (and, cast
+        # to Py_ssize_t, could be a negative length).
+        if s.count > s.region_bytes // 16:
+            raise_kv(SC_ECORRUPT, "len", f"the map's header counts {s.count} entries, more "
+                     f"than its region of {s.region_bytes} bytes can hold")
+        return <Py_ssize_t>s.count
 
     cdef sc_kv_stats _stat(self) except *:
         cdef sc_kv_stats s
@@ -769,6 +790,9 @@ cdef class _KVIter:
         return self
 
     def __next__(self):
+        if self.core is None:
+            raise TypeError("this iterator belongs to no KVStore: iterate a KVStore "
+                            "(iter(kv), kv.items(), kv.values()) to get one")
         if self.finished:
             raise StopIteration
         if self.core._writes != self.writes:

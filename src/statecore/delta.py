@@ -159,7 +159,11 @@ class Delta:
         checksum) and return a Delta. Raises sc.CorruptDelta; applies nothing.
 
         A writable buffer (bytearray) is copied first unless copy=False, so a later change
-        to it cannot slip past validation."""
+        to it cannot slip past validation. With copy=False the Delta reads the caller's
+        buffer in place: the caller must not change it while the Delta is in use. If it
+        does, applying the Delta checks every page id and version again and raises
+        sc.CorruptDelta (nothing is applied) when they no longer pass; changed page bytes
+        are applied as they are. Either way it is an error or wrong data, never a crash."""
         view = byte_view(buffer, "buffer")
         source: Any = view
         if copy or (copy is None and not view.readonly):

@@ -764,7 +764,7 @@ def test_until_must_be_a_live_snapshot(history):
     s2.release()
     with pytest.raises(ValueError, match="until"):
         s.delta(0, epoch)
-    with pytest.raises(ValueError, match="until"):
+    with pytest.raises(sc.SnapshotReleased, match="until"):
         s.delta(0, s2)                    # a released Snapshot object
 
 
@@ -815,3 +815,50 @@ def test_decode_and_apply_reject_non_buffers(history):
             sc.Delta.decode(bad)
         with pytest.raises(TypeError, match="bytes-like"):
             s.apply(bad)
+
+
+def test_decode_copies_a_read_only_view_of_bytes_someone_can_still_change():
+    """A read-only view of a bytearray is still changed through the bytearray: decode
+    copies it (only bytes and the core's own buffers are immutable), so the page bytes
+    applied are the ones validated."""
+    src = sc.Store(size=4 * PS)
+    dst = sc.Store(size=4 * PS)
+    try:
+        src.write(0, b"A" * PS)
+        wire = bytearray(src.delta(0).encode())
+        d = sc.Delta.decode(memoryview(wire).toreadonly())
+        wire[-PS:] = b"Z" * PS
+        dst.apply(d)
+        assert dst.read(0, PS) == b"A" * PS
+    finally:
+        src.close()
+        dst.close()
+
+
+@pytest.mark.parametrize("threads,exc", [(-1, ValueError), (9, ValueError),
+                                         (2**40, ValueError), (1.5, TypeError),
+                                         ("2", TypeError)])
+def test_replay_threads_must_be_a_count_in_range(threads, exc):
+    src = sc.Store(size=4 * PS)
+    dst = sc.Store(size=4 * PS)
+    try:
+        src.write(0, b"x")
+        with pytest.raises(exc, match="threads"):
+            sc.replay(dst, [src.delta(0)], threads=threads)
+        assert dst.epoch == 1 and dst.read(0, 1) == b"\0"
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_released_snapshot_as_delta_bound_is_snapshot_released():
+    store = sc.Store(size=4 * PS)
+    try:
+        snap = store.snapshot()
+        snap.release()
+        for call in (lambda: store.delta(0, snap), lambda: store.delta(snap),
+                     lambda: store.changed_pages(snap)):
+            with pytest.raises(sc.SnapshotReleased):
+                call()
+    finally:
+        store.close()

@@ -166,7 +166,7 @@ class Delta:
         are applied as they are. Either way it is an error or wrong data, never a crash."""
         view = byte_view(buffer, "buffer")
         source: Any = view
-        if copy or (copy is None and not view.readonly):
+        if copy or (copy is None and not _immutable(view)):
             source = bytes(view)
         dv = _core.parse(source, _core.KIND_DELTA, True, errors.CorruptDelta)
         if dv.compression == COMPRESSIONS["none"]:
@@ -174,6 +174,13 @@ class Delta:
         payload = _decompress(dv)
         dv.attach_payload(payload, errors.CorruptDelta)
         return Delta(dv, dv.source, payload)
+
+
+def _immutable(view: memoryview) -> bool:
+    """Whether nobody can change the bytes behind `view`: a read-only view of a bytearray
+    or a writable array can still change after validation, so only bytes and the core's
+    own buffers count."""
+    return isinstance(view.obj, (bytes, _core.NativeBuffer))
 
 
 def retargeted(delta: Delta, target: int) -> Tuple[bytes, memoryview]:
@@ -228,8 +235,10 @@ def _decompress(dv: "_core.DeltaView") -> bytes:
 def _epoch_of(store: "Store", what: str, value: Any) -> int:
     from .snapshot import Snapshot
     if isinstance(value, Snapshot):
+        if value.released:
+            raise errors.SnapshotReleased(f"{what} is a released snapshot (epoch {value.epoch})")
         if value._store is not store:
-            raise ValueError(f"{what} is a snapshot of another store (or released)")
+            raise ValueError(f"{what} is a snapshot of another store")
         return value.epoch
     e = as_int(what, value)
     if e < 0:
@@ -251,9 +260,8 @@ def resolve_epochs(store: "Store", since: Any, until: Any) -> Iterator[Tuple[int
                              f"{store.epoch})")
         owned = snap = store.snapshot()
     elif isinstance(until, Snapshot):
+        _epoch_of(store, "until", until)  # released, or another store's: raises
         snap = until
-        if snap._store is not store:
-            raise ValueError("until is a snapshot of another store (or released)")
     else:
         e = _epoch_of(store, "until", until)
         found = store._snapshots.get(e)

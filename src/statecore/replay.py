@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from .checkpoint import reporting
+from ._args import as_int
 from .delta import as_delta
+
+MAX_THREADS = 8  # the core's SC_MAX_THREADS (csrc/parallel.h); more would be capped
 
 if TYPE_CHECKING:
     from .store import Store
@@ -37,6 +40,10 @@ def replay(store: "Store", deltas: Iterable[Any], *, allow_gap: bool = False,
     sc.EpochGap before anything is written. Each page is written once, with its newest
     content; pages the store already has are skipped, so replay is idempotent.
     `threads` 0 picks a count by size."""
+    n_threads = as_int("threads", threads)
+    if not 0 <= n_threads <= MAX_THREADS:
+        raise ValueError(f"threads must be in [0, {MAX_THREADS}] (0 picks by size), got "
+                         f"{n_threads}")
     t0 = time.perf_counter()
     # By base: the core's gap check walks them in order, and only base order never sees a
     # gap that the set as a whole does not have (target order would put a delta nested
@@ -49,7 +56,7 @@ def replay(store: "Store", deltas: Iterable[Any], *, allow_gap: bool = False,
         try:
             with reporting(progress) as counter:
                 pages_in, written, superseded, skipped = store._replay(
-                    [d._view for d in ds], bool(allow_gap), int(threads), counter)
+                    [d._view for d in ds], bool(allow_gap), n_threads, counter)
         finally:
             store._write_lock.release()
         applied.extend(ds)

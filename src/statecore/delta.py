@@ -158,8 +158,9 @@ class Delta:
         """Validate everything (magic, version, sizes, counts, index bounds and order, every
         checksum) and return a Delta. Raises sc.CorruptDelta; applies nothing.
 
-        A writable buffer (bytearray) is copied first unless copy=False, so a later change
-        to it cannot slip past validation. With copy=False the Delta reads the caller's
+        A buffer whose bytes can still change (anything but bytes or a buffer from
+        encode(); a read-only view of a bytearray included) is copied first unless
+        copy=False, so a later change to it cannot slip past validation. With copy=False the Delta reads the caller's
         buffer in place: the caller must not change it while the Delta is in use. If it
         does, applying the Delta checks every page id and version again and raises
         sc.CorruptDelta (nothing is applied) when they no longer pass; changed page bytes

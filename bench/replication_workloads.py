@@ -188,11 +188,9 @@ def _full_sync_raw_fresh(scale: Scale) -> Iterator[Case]:
     link = RawLink(frame_bytes(rscale(scale).full_sync // PAGE))
     try:
         link.transfer()  # connection warmed up
-        c = Case(run=None, rounds=W.rounds(scale, 5), warmup=1)  # type: ignore[arg-type]
-        c.setup = lambda: (np.empty(link.nbytes, dtype=np.uint8).data,)  # not touched
-        c.run = link.transfer
-        c.teardown = lambda buf: (buf.release(), free_memory())
-        yield c
+        yield Case(run=link.transfer, rounds=W.rounds(scale, 5), warmup=1,
+                   setup=lambda: (np.empty(link.nbytes, dtype=np.uint8).data,),  # untouched
+                   teardown=lambda buf: (buf.release(), free_memory()))
     finally:
         link.close()
         del link

@@ -290,7 +290,13 @@ int kv__writable_header(sc_kv *kv, kv_header **out) {
     int present;
     const kv_header *h;
     KV_TRY(kv__header(kv, &h, &present));
-    if (!present) KV_TRY(sc_kv_create(kv));
+    if (!present) {
+        int st = sc_kv_create(kv);
+        if (st != SC_OK) {
+            kv__uncreate(kv); /* a header half made would make the region refuse writes */
+            return st;
+        }
+    }
     *out = (kv_header *)kv->data;
     return SC_OK;
 }

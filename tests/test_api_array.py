@@ -51,7 +51,7 @@ def _same_outcome(ref_call, sc_call):
     if expected is None:
         sc_call()
     else:
-        with pytest.raises(Exception):
+        with pytest.raises((ValueError, IndexError, TypeError)):  # README: Bad input
             sc_call()
     return expected
 

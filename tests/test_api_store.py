@@ -157,3 +157,21 @@ def test_reading_past_the_end_names_the_length(paged):
     with pytest.raises(IndexError, match="length"):
         with paged.snapshot() as snap:
             snap.read(0, SIZE + 1)
+
+
+@pytest.mark.parametrize("src,dst", [(0, 100), (100, 0), (0, 1), (1, 0), (3 * PAGE, 3 * PAGE)])
+def test_write_from_an_overlapping_view_of_the_store_matches_a_copy(src, dst):
+    """The core copies with memcpy, undefined for overlapping ranges (glibc's happens to
+    behave like memmove, so the bytes alone would not show a missing copy): a view of the
+    store itself is copied first, as numpy does for a[1:] = a[:-1]."""
+    n = 2 * PAGE + 17
+    with sc.Store(size=SIZE, page_size=PAGE) as store:
+        store.write(0, np.random.default_rng(src + dst).bytes(SIZE))
+        model = bytearray(store.read(0, SIZE))
+        model[dst:dst + n] = bytes(model[src:src + n])
+        with memoryview(store) as mv:
+            assert isinstance(store._unaliased(mv[src:src + n]).obj, bytes)  # copied
+            store.write(dst, mv[src:src + n])
+        assert store.read(0, SIZE) == bytes(model)
+        other = memoryview(bytearray(n))
+        assert store._unaliased(other) is other  # not a view of the store: no copy

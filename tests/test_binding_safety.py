@@ -425,7 +425,7 @@ def test_replay_keeps_its_views_alive_while_the_list_is_cleared():
     # (and dropping the last references) must not free them under it. The first view's
     # buffer is a 64 MiB bytes object, which the allocator unmaps when it is freed.
     out = run_script("""
-        import gc, threading, statecore as sc
+        import gc, threading, time, statecore as sc
         from statecore import _core
         size = 64 << 20
         src = sc.Store(size=size)
@@ -439,7 +439,7 @@ def test_replay_keeps_its_views_alive_while_the_list_is_cleared():
         progress = _core.Progress()
         def clear_while_copying():
             while progress.done == 0:
-                pass
+                time.sleep(0.0001)
             views.clear()
             gc.collect()
         t = threading.Thread(target=clear_while_copying)

@@ -117,7 +117,8 @@ def test_follow_address_forms():
 @pytest.mark.parametrize("extra,why", [(["--secret", "wrong"], "authentication"),
                                        (["--secret", "right", "--size", "128K"], "geometry")])
 def test_follow_exits_1_once_the_follower_failed(tmp_path, extra, why):
-    primary = sc.Primary(sc.Store(size=SIZE), secret="right")
+    store = sc.Store(size=SIZE)
+    primary = sc.Primary(store, secret="right")
     try:
         argv = [sys.executable, "-m", "statecore", "follow", str(tmp_path / "f"),
                 f"127.0.0.1:{primary.address[1]}", "--interval", "0.1"]
@@ -126,6 +127,7 @@ def test_follow_exits_1_once_the_follower_failed(tmp_path, extra, why):
         proc = subprocess.run(argv + extra, capture_output=True, text=True, timeout=60)
     finally:
         primary.close()
+        store.close()
     assert proc.returncode == 1, proc.stderr
     assert why in one_line_error(proc.stderr) and "follower stopped" in proc.stderr
 

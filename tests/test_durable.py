@@ -730,3 +730,56 @@ def test_local_writes_and_applied_deltas_interleave_durably(tmp_path, opened):
     crashed = opened(_crash_copy(again, tmp_path))
     assert crashed.read(0, SIZE) == again.read(0, SIZE)
     assert crashed.recovery.committed_epoch >= epoch
+
+
+def test_an_apply_whose_commit_fails_is_carried_by_the_next_commit(tmp_path, opened,
+                                                                   monkeypatch):
+    first, second, expected = _source_deltas()
+    ds = opened(tmp_path / "d", size=SIZE, page_size=PS)
+    for _ in range(3):
+        ds.write(0, b"local")
+        ds.commit()
+
+    def writev(fd, buffers):
+        raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(journal.os, "writev", writev)
+    with pytest.raises(OSError):
+        ds.apply(first)
+    monkeypatch.undo()
+    ds.commit()  # nothing written since: still carries the applied pages
+    crashed = opened(_crash_copy(ds, tmp_path))
+    assert crashed.read(PS * 3, PS) == b"first".ljust(PS, b"\0")  # as of `first`
+
+
+def test_a_write_racing_an_apply_is_committed_with_it(tmp_path, opened, monkeypatch):
+    """A writer in another thread may write between the apply and its commit: the commit
+    carries both (one record from the lowest base)."""
+    first, second, expected = _source_deltas()
+    ds = opened(tmp_path / "d", size=SIZE, page_size=PS)
+    for _ in range(3):
+        ds.write(0, b"local")
+        ds.commit()
+    real = sc.Store.apply
+
+    def apply_then_a_write_elsewhere(store, delta, **kw):
+        written = real(store, delta, **kw)
+        store.write(PS * 14, b"racing writer")
+        return written
+
+    monkeypatch.setattr(sc.Store, "apply", apply_then_a_write_elsewhere)
+    ds.apply(first)
+    monkeypatch.undo()
+    crashed = opened(_crash_copy(ds, tmp_path))
+    assert crashed.read(PS * 14, 13) == b"racing writer"
+    assert crashed.read(PS * 3, PS) == b"first".ljust(PS, b"\0")  # as of `first`
+
+
+def test_applying_bad_bytes_commits_nothing(tmp_path, opened):
+    ds = opened(tmp_path / "d", size=SIZE, page_size=PS)
+    ds.write(0, b"uncommitted")
+    epoch = ds.committed_epoch
+    size = os.path.getsize(_seg(ds.directory))
+    with pytest.raises(sc.CorruptDelta):
+        ds.apply(b"not a delta")
+    assert ds.committed_epoch == epoch and os.path.getsize(_seg(ds.directory)) == size

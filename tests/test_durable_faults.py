@@ -727,7 +727,7 @@ def test_a_failed_open_leaks_no_file_descriptor(tmp_path):
     for _ in range(20):
         with pytest.raises(sc.SchemaMismatch):
             sc.DurableStore(d, schema_version=1)
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(os.listdir("/proc/self/fd")) <= before
 
 
 def test_close_refused_for_an_exported_buffer_changes_nothing(tmp_path):

@@ -100,7 +100,8 @@ def session_of(primary: sc.Primary, port: int) -> Optional[Dict[str, Any]]:
 
 class Proxy:
     """Forwards connections on 127.0.0.1 to `upstream`. Primary->follower bytes can be
-    throttled (`rate`, bytes/s), paused, recorded; drop_all() cuts every connection."""
+    throttled (`rate`, bytes/s), paused (at once, or by `pause_after` once that many have
+    gone through), recorded; drop_all() cuts every connection."""
 
     def __init__(self, upstream, rate: Optional[float] = None, small_buffers: bool = False,
                  record: bool = False) -> None:
@@ -108,6 +109,8 @@ class Proxy:
         self.rate = rate
         self.small_buffers = small_buffers or rate is not None
         self.paused = False
+        self.pause_after: Optional[int] = None
+        self.forwarded = 0  # primary->follower bytes sent on
         self.record = record
         self.captured = bytearray()
         self.accepted = 0
@@ -148,12 +151,17 @@ class Proxy:
                 data = src.recv(4096 if rate else 1 << 16)
                 if not data:
                     break
+                if downstream and self.pause_after is not None \
+                        and self.forwarded + len(data) > self.pause_after:
+                    self.paused = True  # in this thread: nothing more gets through first
                 while downstream and self.paused and time.monotonic() < deadline:
                     time.sleep(0.01)  # hold what arrived until resumed
                 if self.record:
                     with self._lock:
                         self.captured += data
                 dst.sendall(data)
+                if downstream:
+                    self.forwarded += len(data)
                 if rate:
                     time.sleep(len(data) / rate)
         except OSError:

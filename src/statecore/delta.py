@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 HEADER = _core.HEADER_SIZE
 COMPRESSIONS = {"none": 0, "lz4": 1}
 LZ4_CHUNK_BYTES = 1 << 20
-_OFF_COMPRESSION, _OFF_TARGET, _OFF_PAYLOAD_BYTES, _OFF_HEADER_SUM = 12, 40, 64, 120
+_OFF_COMPRESSION, _OFF_PAYLOAD_BYTES, _OFF_HEADER_SUM = 12, 64, 120
 
 _lz4_pool: Optional[ThreadPoolExecutor] = None
 
@@ -182,17 +182,6 @@ def _immutable(view: memoryview) -> bool:
     or a writable array can still change after validation, so only bytes and the core's
     own buffers count."""
     return isinstance(view.obj, (bytes, _core.NativeBuffer))
-
-
-def retargeted(delta: Delta, target: int) -> Tuple[bytes, memoryview]:
-    """The uncompressed encoding of `delta` as the delta (base, target] for a target at or
-    above its own (its pages' versions still lie in that range): header and index,
-    resealed, and its pages, not copied."""
-    if target < delta.target_epoch:
-        raise ValueError(f"target {target} is below the delta's ({delta.target_epoch})")
-    head = bytearray(delta._prefix())
-    struct.pack_into("<Q", head, _OFF_TARGET, target)
-    return bytes(_reseal(head, 0, delta.page_bytes)), delta.payload
 
 
 def _reseal(head: bytearray, compression: int, payload_bytes: int) -> bytearray:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, List, Optional
 from . import errors
 from ._args import DEFAULT_PAGE_SIZE, as_int, check_page_size, check_size
 from .checkpoint import fsync_directory
-from .delta import Delta, as_delta, retargeted
+from .delta import Delta, as_delta
 from .snapshot import Snapshot
 from .journal import FLAG_REPLICATED, JournalWriter, read_segment, segment_name
 from .manifest import NAME as MANIFEST_NAME
@@ -94,6 +94,8 @@ class DurableStore(Store):
         self._last_commit = self.epoch - 1
         self._replica_epoch = self.recovery.replica_epoch if notes is not None else 0
         self.last_commit: Optional[dict] = None
+        # The lowest base of deltas applied since the last commit (see _journaled_apply).
+        self._unjournaled: Optional[int] = None
         self._writes_at_commit = self._stats()["pages_written"]
         self._journal = JournalWriter(os.path.join(self.directory, segment_name(manifest.segments[-1])))
         self._check_schema(schema_version, migrate)
@@ -280,8 +282,11 @@ class DurableStore(Store):
         # more than needed, never less.
         writes = self._stats()["pages_written"]
         snap = self.snapshot()
+        since = self._last_commit
+        if self._unjournaled is not None:
+            since = min(since, self._unjournaled)  # applied pages with older versions
         try:
-            delta = self.delta(self._last_commit, snap)
+            delta = self.delta(since, snap)
             self._journal.append(delta.encode())
         except BaseException:
             snap.release()
@@ -290,6 +295,7 @@ class DurableStore(Store):
             snap.release()
         self._last_commit = snap.epoch
         self._writes_at_commit = writes
+        self._unjournaled = None
         self._appended += 1
         return snap, delta, self._appended
 
@@ -360,41 +366,35 @@ class DurableStore(Store):
 
     # ---- deltas applied by the user -------------------------------------------------------
     def apply(self, delta: Any, *, allow_gap: bool = False) -> int:
-        """Store.apply, durable when it returns: the delta is journaled (see
+        """Store.apply, committed (durable) when it returns if it wrote anything (see
         _journaled_apply)."""
+        d = as_delta(delta)  # bad bytes raise here, before anything is committed
         with self._journaled_apply() as applied:
-            d = as_delta(delta)
             written = Store.apply(self, d, allow_gap=allow_gap)
-            applied.append(d)
+            if written:
+                applied.append(d)
         return written
 
     @contextmanager
     def _journaled_apply(self) -> Iterator[List[Delta]]:
-        """Around applying deltas (apply, sc.replay): the caller lists what it applied,
-        and each is journaled before this exits, durable. A commit would not carry their
-        pages: they keep the versions they have in the deltas, which may lie below the
-        last commit. Each record is the delta itself with its target raised to an epoch
-        closed for it, so recovery replays it after everything committed before."""
+        """Around applying deltas (apply, sc.replay): the caller lists the deltas that
+        wrote pages, and a commit makes them durable before this exits. Applied pages
+        keep the versions they have in the deltas, which may lie at or below the last
+        commit, so the commits from now on start from the lowest base among them
+        (_unjournaled) until one of them is in the journal: a failed commit leaves them
+        for the next one, and a concurrent writer's pages are carried along as usual."""
         if not hasattr(self, "_journal"):  # recovery, while opening: nothing to journal
             yield []
             return
         self._usable()
         applied: List[Delta] = []
-        with self._append_lock:
-            if (self.epoch - 1 > self._last_commit
-                    or self._stats()["pages_written"] != self._writes_at_commit):
-                self._append_commit()  # the records below must chain after local writes
-            yield applied
-            for d in applied:
-                snap = self.snapshot()  # closes the epoch this record ends at
-                snap.release()
-                head, pages = retargeted(d, snap.epoch)
-                self._journal.append(head, 0, pages)
-                self._last_commit = snap.epoch
-                self._appended += 1
-            self._writes_at_commit = self._stats()["pages_written"]
-            ticket = self._appended
-        self._wait_durable(ticket)
+        yield applied
+        if applied:
+            base = min(d.base_epoch for d in applied)
+            with self._append_lock:
+                if self._unjournaled is None or base < self._unjournaled:
+                    self._unjournaled = base
+            self.commit()
 
     def adopt_identity(self, uuid: bytes) -> None:
         """Take a primary's identity before a full sync (a fresh follower only)."""
@@ -491,7 +491,9 @@ class DurableStore(Store):
                               "(release memoryviews / numpy arrays over the store first)")
         try:
             broken = self._broken or self._journal.broken
-            if not broken and self._stats()["pages_written"] != self._writes_at_commit:
+            pending = (self._stats()["pages_written"] != self._writes_at_commit
+                       or self._unjournaled is not None)
+            if not broken and pending:
                 self.commit()
             for fut in self._pending:
                 fut.exception()  # wait; a failed checkpoint leaves the journal in charge

@@ -11,7 +11,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from . import _core, errors
 from .checkpoint import fsync_directory
@@ -31,11 +31,8 @@ def _digest_prefix(delta_bytes: memoryview) -> int:
     return _core.page_checksum(delta_bytes[:end])
 
 
-def frame(delta_bytes: memoryview, flags: int = 0, length: Optional[int] = None) -> bytes:
-    """The record header; with `length`, delta_bytes is the start of a longer record and
-    holds at least its header and index."""
-    head = FRAME.pack(MAGIC, FORMAT_VERSION, flags,
-                      len(delta_bytes) if length is None else length,
+def frame(delta_bytes: memoryview, flags: int = 0) -> bytes:
+    head = FRAME.pack(MAGIC, FORMAT_VERSION, flags, len(delta_bytes),
                       _digest_prefix(delta_bytes), 0)
     return head[:24] + struct.pack("<Q", _core.page_checksum(head[:24]))
 
@@ -70,22 +67,18 @@ class JournalWriter:
             self.close()
             raise
 
-    def append(self, delta_bytes: Any, flags: int = 0, *more: Any) -> int:
-        """Write one record: header, then the encoded delta, given whole or as pieces
-        (`more` after the first, which holds its header and index), none copied. On
-        failure the segment is cut back so a half-written record never precedes later
-        ones."""
+    def append(self, delta_bytes: memoryview, flags: int = 0) -> int:
+        """Write one record (header + the delta buffer itself, no copy). On failure the
+        segment is cut back so a half-written record never precedes later ones."""
         if self.broken:
             raise errors.StateError(f"journal unusable: {self.broken}")
-        pieces = [memoryview(p).cast("B") for p in (delta_bytes, *more)]
-        length = sum(p.nbytes for p in pieces)
-        head = frame(pieces[0], flags, length)
-        total = len(head) + length
+        head = frame(delta_bytes, flags)
+        total = len(head) + len(delta_bytes)
         start = self.size
         try:
-            written = os.writev(self.fd, [head, *pieces])
+            written = os.writev(self.fd, [head, delta_bytes])
             while written < total:  # short write: finish it from where it stopped
-                rest = b"".join([head, *pieces])[written:]
+                rest = (head + bytes(delta_bytes))[written:]
                 written += os.write(self.fd, rest)
         except BaseException:
             self._cut_back(start)

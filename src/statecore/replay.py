@@ -6,8 +6,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
-from .checkpoint import reporting
 from ._args import as_int
+from .checkpoint import reporting
 from .delta import as_delta
 
 MAX_THREADS = 8  # the core's SC_MAX_THREADS (csrc/parallel.h); more would be capped
@@ -59,7 +59,8 @@ def replay(store: "Store", deltas: Iterable[Any], *, allow_gap: bool = False,
                     [d._view for d in ds], bool(allow_gap), n_threads, counter)
         finally:
             store._write_lock.release()
-        applied.extend(ds)
+        if written:
+            applied.extend(ds)
     nbytes = written * store.page_size
     stats = ReplayStats(deltas=len(ds), pages=written, bytes=nbytes, pages_in=pages_in,
                         pages_superseded=superseded, pages_skipped=skipped,

@@ -158,10 +158,22 @@ class Store(_core.StoreCore):
             except errors.StateError:
                 pass  # already gone with the store
 
+    def _unaliased(self, view: memoryview) -> memoryview:
+        """`view`, or a copy of it when it is a view of this store's own bytes: the core
+        copies in pieces (pages one after another, memcpy), so a piece written early
+        would change the source of a later one."""
+        if not view.nbytes:
+            return view
+        with memoryview(self) as live:
+            overlaps = np.may_share_memory(np.frombuffer(view, np.uint8),
+                                           np.frombuffer(live, np.uint8))
+        return memoryview(bytes(view)) if overlaps else view
+
     def write(self, offset: int, data: Any) -> None:
         """Write any bytes-like object at a byte offset."""
         view = byte_view(data)
         off = check_range(offset, view.nbytes, self.size, length_name="len(data)")
+        view = self._unaliased(view)
         self._begin_write()
         try:
             self._write(off, view)
@@ -176,14 +188,7 @@ class Store(_core.StoreCore):
         if view.nbytes != need:
             raise ValueError(f"data must hold len(page_ids) * page_size = {need} bytes, "
                              f"got {view.nbytes}")
-        if need:
-            with memoryview(self) as live:
-                overlaps = np.may_share_memory(np.frombuffer(view, np.uint8),
-                                               np.frombuffer(live, np.uint8))
-            if overlaps:
-                # Data read from the store itself: pages are written one after another,
-                # so a page written early would change the source of a later one.
-                view = memoryview(bytes(view))
+        view = self._unaliased(view)
         self._begin_write()
         try:
             self._write_pages(ids, view)

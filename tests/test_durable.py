@@ -783,3 +783,48 @@ def test_applying_bad_bytes_commits_nothing(tmp_path, opened):
     with pytest.raises(sc.CorruptDelta):
         ds.apply(b"not a delta")
     assert ds.committed_epoch == epoch and os.path.getsize(_seg(ds.directory)) == size
+
+
+def test_an_apply_that_fails_half_way_is_still_committed_next(tmp_path, opened, monkeypatch):
+    """What an apply wrote before it failed (out of memory half-way, say) stays in the
+    store: the next commit must carry it, as it carries any write."""
+    first, second, expected = _source_deltas()
+    ds = opened(tmp_path / "d", size=SIZE, page_size=PS)
+    for _ in range(3):
+        ds.write(0, b"local")
+        ds.commit()
+    real = sc.Store.apply
+
+    def apply_then_fail(store, delta, **kw):
+        real(store, delta, **kw)
+        raise MemoryError("injected after the pages were written")
+
+    monkeypatch.setattr(sc.Store, "apply", apply_then_fail)
+    with pytest.raises(MemoryError):
+        ds.apply(first)
+    monkeypatch.undo()
+    ds.commit()
+    crashed = opened(_crash_copy(ds, tmp_path))
+    assert crashed.read(PS * 3, PS) == b"first".ljust(PS, b"\0")  # as of `first`
+
+
+def test_a_caught_up_follower_gets_what_its_durable_primary_applied(tmp_path, opened):
+    """The commit that follows an apply starts below the follower's epoch: its delta
+    carries the applied pages, which a delta computed by version from that epoch
+    would miss."""
+    first, second, expected = _source_deltas()
+    ds = opened(tmp_path / "p", size=SIZE, page_size=PS)
+    for i in range(5):
+        ds.write(PS, b"local%d" % i)
+        ds.commit()
+    replica = sc.Store(size=SIZE, page_size=PS)
+    with sc.Primary(ds) as primary:
+        follower = sc.Follower(replica, primary.address)
+        try:
+            follower.wait_for(ds.committed_epoch, timeout=30)
+            ds.apply(first)
+            follower.wait_for(ds.committed_epoch, timeout=30)
+            assert replica.read(0, SIZE) == ds.read(0, SIZE)
+        finally:
+            follower.close()
+            replica.close()

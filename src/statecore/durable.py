@@ -370,30 +370,35 @@ class DurableStore(Store):
         _journaled_apply)."""
         d = as_delta(delta)  # bad bytes raise here, before anything is committed
         with self._journaled_apply() as applied:
+            applied.append(d)  # before: an apply that fails half-way keeps what it wrote
             written = Store.apply(self, d, allow_gap=allow_gap)
-            if written:
-                applied.append(d)
-        return written
+            if not written:
+                applied.clear()  # nothing to make durable
+            return written
 
     @contextmanager
     def _journaled_apply(self) -> Iterator[List[Delta]]:
-        """Around applying deltas (apply, sc.replay): the caller lists the deltas that
-        wrote pages, and a commit makes them durable before this exits. Applied pages
-        keep the versions they have in the deltas, which may lie at or below the last
-        commit, so the commits from now on start from the lowest base among them
-        (_unjournaled) until one of them is in the journal: a failed commit leaves them
-        for the next one, and a concurrent writer's pages are carried along as usual."""
+        """Around applying deltas (apply, sc.replay): the caller lists the deltas before
+        applying them, and a commit makes what they wrote durable before this exits.
+        Applied pages keep the versions they have in the deltas, which may lie at or
+        below the last commit, so the commits from now on start from the lowest base
+        among them (_unjournaled) until one of them is in the journal. That holds also
+        when the apply raised half-way (what it wrote stays) or the commit fails (the next
+        one carries them), and a concurrent writer's pages are carried along as usual."""
         if not hasattr(self, "_journal"):  # recovery, while opening: nothing to journal
             yield []
             return
         self._usable()
         applied: List[Delta] = []
-        yield applied
+        try:
+            yield applied
+        finally:
+            if applied:
+                base = min(d.base_epoch for d in applied)
+                with self._append_lock:
+                    if self._unjournaled is None or base < self._unjournaled:
+                        self._unjournaled = base
         if applied:
-            base = min(d.base_epoch for d in applied)
-            with self._append_lock:
-                if self._unjournaled is None or base < self._unjournaled:
-                    self._unjournaled = base
             self.commit()
 
     def adopt_identity(self, uuid: bytes) -> None:

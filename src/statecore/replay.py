@@ -52,6 +52,7 @@ def replay(store: "Store", deltas: Iterable[Any], *, allow_gap: bool = False,
     # A DurableStore journals what is applied to it (durable.py).
     journaled = getattr(store, "_journaled_apply", None)
     with (journaled() if journaled is not None else nullcontext([])) as applied:
+        applied.extend(ds)  # before: a replay that fails half-way keeps what it wrote
         store._begin_write()
         try:
             with reporting(progress) as counter:
@@ -59,8 +60,9 @@ def replay(store: "Store", deltas: Iterable[Any], *, allow_gap: bool = False,
                     [d._view for d in ds], bool(allow_gap), n_threads, counter)
         finally:
             store._write_lock.release()
-        if written:
-            applied.extend(ds)
+        if not written:
+            applied.clear()  # nothing to make durable
+
     nbytes = written * store.page_size
     stats = ReplayStats(deltas=len(ds), pages=written, bytes=nbytes, pages_in=pages_in,
                         pages_superseded=superseded, pages_skipped=skipped,

@@ -358,7 +358,9 @@ class _Session(threading.Thread):
                 wire.send_json(self.conn, wire.PING, {"epoch": self.sent})
                 continue
             commit = pub.delta
-            if commit is not None and commit.base_epoch == self.sent:
+            # A commit's delta from at or before what the follower has carries all it
+            # lacks (from before: pages a DurableStore applied keep older versions).
+            if commit is not None and commit.base_epoch <= self.sent:
                 # The commit's own buffer: no extra work, no copy of its pages.
                 if self.part_pages and commit.n_pages > self.part_pages:
                     for pieces, last in split(commit, self.part_pages):

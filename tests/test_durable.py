@@ -828,3 +828,23 @@ def test_a_caught_up_follower_gets_what_its_durable_primary_applied(tmp_path, op
         finally:
             follower.close()
             replica.close()
+
+
+def test_opening_nothing_without_a_size_creates_nothing(tmp_path):
+    d = tmp_path / "new" / "store"
+    with pytest.raises(TypeError, match="size is required"):
+        sc.DurableStore(d)
+    assert not (tmp_path / "new").exists()  # a call that raises changes nothing
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TypeError, match="size is required"):
+        sc.DurableStore(tmp_path / "empty")
+    assert os.listdir(tmp_path / "empty") == []
+
+
+def test_a_geometry_mismatch_says_what_the_directory_holds(tmp_path, opened):
+    d = tmp_path / "d"
+    opened(d, size=SIZE, page_size=PS).close()
+    with pytest.raises(sc.StoreMismatch) as info:
+        sc.DurableStore(d, size=2 * SIZE)
+    assert f"size={SIZE}, page_size={PS}" in str(info.value)
+    assert f"asked for size={2 * SIZE}" in str(info.value)

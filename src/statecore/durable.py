@@ -55,6 +55,10 @@ class DurableStore(Store):
         self.keep_checkpoints = as_int("keep_checkpoints", keep_checkpoints)
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if size is None and not _holds_store(self.directory):
+            # Before anything is created: a call that raises changes nothing.
+            raise TypeError(f"{self.directory!r} holds no durable store: size is required "
+                            "to create one")
         _make_directory(self.directory)
         self._lock_fd = _lock_directory(self.directory)
         try:
@@ -170,12 +174,14 @@ class DurableStore(Store):
 
     def _check_geometry(self, manifest: Manifest, size: Optional[int],
                         page_size: Optional[int]) -> None:
-        if size is not None and size != manifest.size:
-            raise errors.StoreMismatch(f"{self.directory!r} holds a store of size "
-                                       f"{manifest.size}, not {size}")
-        if page_size is not None and page_size != manifest.page_size:
-            raise errors.StoreMismatch(f"{self.directory!r} holds a store with page_size "
-                                       f"{manifest.page_size}, not {page_size}")
+        if (size is not None and size != manifest.size) or \
+                (page_size is not None and page_size != manifest.page_size):
+            asked = ", ".join(f"{k}={v}" for k, v in (("size", size), ("page_size", page_size))
+                              if v is not None)
+            raise errors.StoreMismatch(
+                f"{self.directory!r} holds a store of size={manifest.size}, "
+                f"page_size={manifest.page_size}; asked for {asked} (omit them to open it "
+                "as it is)")
 
     def _repair(self, damage: Any) -> None:
         """After a damaged journal: cut a torn tail in place; after damage in the middle,
@@ -522,6 +528,14 @@ class DurableStore(Store):
             return "<DurableStore closed>"
         return (f"<DurableStore {self.directory!r} size={self.size} page_size={self.page_size} "
                 f"epoch={self.epoch} committed={self._last_commit}>")
+
+
+def _holds_store(directory: str) -> bool:
+    """Whether `directory` has a manifest, or files a manifest could be rebuilt from."""
+    if not os.path.isdir(directory):
+        return False
+    ckpts, segs = scan_directory(directory)
+    return bool(ckpts or segs) or os.path.exists(os.path.join(directory, MANIFEST_NAME))
 
 
 def _make_directory(directory: str) -> None:

@@ -175,3 +175,16 @@ def test_write_from_an_overlapping_view_of_the_store_matches_a_copy(src, dst):
         assert store.read(0, SIZE) == bytes(model)
         other = memoryview(bytearray(n))
         assert store._unaliased(other) is other  # not a view of the store: no copy
+
+
+def test_overlap_check_makes_no_export_of_the_store():
+    """A write checks whether its data is a view of the store without exporting the
+    store: a close() racing a write must not be refused for the write's own check."""
+    with sc.Store(size=SIZE, page_size=PAGE) as store:
+        with memoryview(store) as mv:
+            inside, edge = mv[10:20], mv[SIZE - 4:]
+            assert store._overlaps(inside) and store._overlaps(edge)
+            exports = store._exports_count
+            assert not store._overlaps(bytearray(10)) and not store._overlaps(b"")
+            assert store._exports_count == exports
+            del inside, edge

@@ -848,3 +848,38 @@ def test_a_geometry_mismatch_says_what_the_directory_holds(tmp_path, opened):
         sc.DurableStore(d, size=2 * SIZE)
     assert f"size={SIZE}, page_size={PS}" in str(info.value)
     assert f"asked for size={2 * SIZE}" in str(info.value)
+
+
+def test_close_while_other_threads_commit_and_checkpoint(tmp_path):
+    """close() racing commit() and checkpoint(): the others get StoreClosed (not an
+    OSError from a closed journal, nor a RuntimeError from a stopped checkpointer), close()
+    succeeds, and the directory reopens at a committed state."""
+    import random as _random
+    for it in range(8):
+        d = tmp_path / f"d{it}"
+        ds = sc.DurableStore(d, size=SIZE, page_size=PS)
+        unexpected: list = []
+
+        def worker(kind: str, seed: int) -> None:
+            r = _random.Random(seed)
+            while True:
+                try:
+                    ds.write(r.randrange(SIZE // PS) * PS, os.urandom(64))
+                    ds.checkpoint().result() if kind == "ckpt" else ds.commit()
+                except (sc.StoreClosed, sc.SnapshotReleased):
+                    return
+                except BaseException as e:  # anything else is the bug
+                    unexpected.append(repr(e))
+                    return
+
+        threads = [threading.Thread(target=worker, args=(k, it * 10 + i))
+                   for i, k in enumerate(("commit", "commit", "ckpt", "ckpt"))]
+        for t in threads:
+            t.start()
+        time.sleep(0.02 + 0.02 * it)
+        ds.close()
+        for t in threads:
+            t.join(30)
+        assert ds.closed and not unexpected, unexpected
+        with sc.DurableStore(d) as again:
+            assert again.recovery.discarded == []

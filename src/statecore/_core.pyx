@@ -486,6 +486,18 @@ cdef class StoreCore:
     def _exports_count(self):
         return self._exports
 
+    def _overlaps(self, const uint8_t[::1] data not None):
+        """Whether `data` lies (partly) in this store's live bytes. No export of the store
+        is made: a concurrent close() must not see one for a write's own check."""
+        cdef uintptr_t lo, hi, a
+        if data.shape[0] == 0:
+            return False
+        self._check()
+        lo = <uintptr_t>sc_store_data(self._s)
+        hi = lo + <uintptr_t>sc_store_size(self._s)
+        a = <uintptr_t>&data[0]
+        return a < hi and lo < a + <uintptr_t>data.shape[0]
+
     def _uuid(self):
         # Entered while the bytes object is made: allocating may run Python code (a
         # finalizer), which must not be able to close the store under the copy.

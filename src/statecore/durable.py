@@ -76,6 +76,7 @@ class DurableStore(Store):
         self._appended = self._synced = 0
         self._syncing = False
         self._broken: Optional[str] = None
+        self._closing = False  # close() has started: no new commit or checkpoint
         self._listeners: List[Callable[[Delta, Snapshot], None]] = []
         self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="statecore-ckpt")
         self._pending: List[Future] = []
@@ -261,6 +262,8 @@ class DurableStore(Store):
     # ---- commits -------------------------------------------------------------------------
     def _usable(self) -> None:
         self._check()
+        if self._closing:
+            raise errors.StoreClosed("the durable store is closing")
         broken = self._broken or self._journal.broken
         if broken:
             raise errors.StateError(f"journal unusable: {broken}; reopen the directory "
@@ -270,9 +273,13 @@ class DurableStore(Store):
         """Make every write so far durable; returns the epoch closed. Concurrent commits
         share one fsync."""
         self._usable()
+        return self._commit()
+
+    def _commit(self, closing: bool = False) -> int:
         t0 = time.perf_counter()
         with self._append_lock:
-            snap, delta, ticket = self._append_commit(keep_snapshot=bool(self._listeners))
+            snap, delta, ticket = self._append_commit(keep_snapshot=bool(self._listeners),
+                                                      closing=closing)
         try:
             self._wait_durable(ticket)
             self.last_commit = {"epoch": snap.epoch, "pages": delta.n_pages,
@@ -283,7 +290,10 @@ class DurableStore(Store):
             snap.release()
         return snap.epoch
 
-    def _append_commit(self, keep_snapshot: bool = False):
+    def _append_commit(self, keep_snapshot: bool = False, closing: bool = False):
+        # Under the append lock, so that no record follows close()'s last one.
+        if self._closing and not closing:
+            raise errors.StoreClosed("the durable store is closing")
         # Counted before the snapshot: a write racing with it makes close() commit once
         # more than needed, never less.
         writes = self._stats()["pages_written"]
@@ -432,10 +442,11 @@ class DurableStore(Store):
             except BaseException:
                 snap.release()
                 raise
+            # Submitted under the lock: close() waits for what was submitted before it.
+            fut = self._checkpointer.submit(self._write_checkpoint, snap,
+                                            self._replica_epoch, progress)
+            self._pending = [f for f in self._pending if not f.done()] + [fut]
         self._publish(delta, snap)
-        fut = self._checkpointer.submit(self._write_checkpoint, snap, self._replica_epoch,
-                                        progress)
-        self._pending = [f for f in self._pending if not f.done()] + [fut]
         return fut
 
     def _rotate(self, epoch: int) -> None:
@@ -500,16 +511,35 @@ class DurableStore(Store):
             # Checked first: refused halfway, the store would stay open without a journal.
             raise BufferError(f"cannot close: {self._exports_count} buffer(s) still exported "
                               "(release memoryviews / numpy arrays over the store first)")
+        with self._append_lock:
+            if self._closing:
+                raise errors.StateError("close() is already running in another thread")
+            self._closing = True  # commits and checkpoints started from now raise
         try:
-            broken = self._broken or self._journal.broken
-            pending = (self._stats()["pages_written"] != self._writes_at_commit
-                       or self._unjournaled is not None)
-            if not broken and pending:
-                self.commit()
-            for fut in self._pending:
-                fut.exception()  # wait; a failed checkpoint leaves the journal in charge
-        finally:
-            self._close_resources()
+            self._finish_for_close()
+        except BaseException:
+            self._close_resources()  # a failed last commit closes all the same, as before
+            raise
+        try:
+            Store.close(self)  # raises, closing nothing, while a call runs elsewhere
+        except BaseException:
+            with self._append_lock:
+                self._closing = False  # refused: the store stays open and committing
+            raise
+        self._close_resources()
+
+    def _finish_for_close(self) -> None:
+        """The last commit, then every fsync and checkpoint started before close()."""
+        if self._broken or self._journal.broken:
+            return
+        pending = (self._stats()["pages_written"] != self._writes_at_commit
+                   or self._unjournaled is not None)
+        if pending:
+            self._commit(closing=True)
+        else:
+            self._wait_durable(self._appended)  # commits of other threads still syncing
+        for fut in list(self._pending):
+            fut.exception()  # wait; a failed checkpoint leaves the journal in charge
 
     def _close_resources(self) -> None:
         """Everything an open (or a failed one) may hold, each closed once."""

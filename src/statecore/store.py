@@ -162,12 +162,7 @@ class Store(_core.StoreCore):
         """`view`, or a copy of it when it is a view of this store's own bytes: the core
         copies in pieces (pages one after another, memcpy), so a piece written early
         would change the source of a later one."""
-        if not view.nbytes:
-            return view
-        with memoryview(self) as live:
-            overlaps = np.may_share_memory(np.frombuffer(view, np.uint8),
-                                           np.frombuffer(live, np.uint8))
-        return memoryview(bytes(view)) if overlaps else view
+        return memoryview(bytes(view)) if self._overlaps(view) else view
 
     def write(self, offset: int, data: Any) -> None:
         """Write any bytes-like object at a byte offset."""

@@ -685,15 +685,20 @@ def _source_deltas():
         src.close()
 
 
+def _committed_three_times(ds: sc.DurableStore) -> sc.DurableStore:
+    """A store whose own epochs run ahead of _source_deltas' (its commits 1 to 3)."""
+    for _ in range(3):
+        ds.write(0, b"local")
+        ds.commit()
+    return ds
+
+
 @pytest.mark.parametrize("how", ["apply", "replay"])
 def test_applied_deltas_are_durable_once_applied(tmp_path, opened, how):
     """Applied pages keep the versions they have in the delta, which can lie below the
     last commit: a commit would skip them. apply and replay journal the deltas instead."""
     first, second, expected = _source_deltas()
-    ds = opened(tmp_path / "d", size=SIZE, page_size=PS)
-    for _ in range(3):  # the store's own epochs run ahead of the source's
-        ds.write(0, b"local")
-        ds.commit()
+    ds = _committed_three_times(opened(tmp_path / "d", size=SIZE, page_size=PS))
     if how == "apply":
         assert ds.apply(first) == 1
         assert ds.apply(second.encode()) == 2
@@ -735,10 +740,7 @@ def test_local_writes_and_applied_deltas_interleave_durably(tmp_path, opened):
 def test_an_apply_whose_commit_fails_is_carried_by_the_next_commit(tmp_path, opened,
                                                                    monkeypatch):
     first, second, expected = _source_deltas()
-    ds = opened(tmp_path / "d", size=SIZE, page_size=PS)
-    for _ in range(3):
-        ds.write(0, b"local")
-        ds.commit()
+    ds = _committed_three_times(opened(tmp_path / "d", size=SIZE, page_size=PS))
 
     def writev(fd, buffers):
         raise OSError(28, "No space left on device (injected)")
@@ -756,10 +758,7 @@ def test_a_write_racing_an_apply_is_committed_with_it(tmp_path, opened, monkeypa
     """A writer in another thread may write between the apply and its commit: the commit
     carries both (one record from the lowest base)."""
     first, second, expected = _source_deltas()
-    ds = opened(tmp_path / "d", size=SIZE, page_size=PS)
-    for _ in range(3):
-        ds.write(0, b"local")
-        ds.commit()
+    ds = _committed_three_times(opened(tmp_path / "d", size=SIZE, page_size=PS))
     real = sc.Store.apply
 
     def apply_then_a_write_elsewhere(store, delta, **kw):
@@ -789,10 +788,7 @@ def test_an_apply_that_fails_half_way_is_still_committed_next(tmp_path, opened, 
     """What an apply wrote before it failed (out of memory half-way, say) stays in the
     store: the next commit must carry it, as it carries any write."""
     first, second, expected = _source_deltas()
-    ds = opened(tmp_path / "d", size=SIZE, page_size=PS)
-    for _ in range(3):
-        ds.write(0, b"local")
-        ds.commit()
+    ds = _committed_three_times(opened(tmp_path / "d", size=SIZE, page_size=PS))
     real = sc.Store.apply
 
     def apply_then_fail(store, delta, **kw):

@@ -29,7 +29,29 @@ def run_script(code: str, timeout: float = 120) -> str:
     return proc.stdout
 
 
-LIVE = r"""
+# Shared by both race scripts: close() while the other thread's call is held inside it.
+CLOSE_REFUSED = r"""
+import statecore as sc
+
+def assert_close_refused(name, obj):
+    try:
+        obj.close()
+        raise SystemExit(f"{name}: close() freed it under a running call")
+    except sc.StoreClosed:
+        raise SystemExit(f"{name}: StoreClosed is for calls after close")
+    except sc.StateError as e:
+        assert "a call is still running in another thread" in str(e), e
+    assert not obj.closed
+
+def assert_calls_refused_after_close(obj, keys):
+    try:
+        obj.get_many(keys[:3])
+        raise SystemExit("a call after close() worked")
+    except sc.StoreClosed:
+        pass
+"""
+
+LIVE = CLOSE_REFUSED + r"""
 import threading
 import statecore as sc
 from statecore.kv import KVStore
@@ -76,14 +98,7 @@ for name, op in ops.items():
     t = threading.Thread(target=lambda: result.append(op()))
     t.start()
     assert entered.wait(10), name
-    try:
-        kv.close()
-        raise SystemExit(f"{name}: close() freed the map under a running call")
-    except sc.StoreClosed:
-        raise SystemExit(f"{name}: StoreClosed is for calls after close")
-    except sc.StateError as e:
-        assert "a call is still running in another thread" in str(e), e
-    assert not kv.closed
+    assert_close_refused(name, kv)
     armed.clear()
     real.release()
     t.join(30)
@@ -92,15 +107,11 @@ for name, op in ops.items():
 assert kv[b"k000001"] == b"w" * 20 and kv[b"big2"] == b"C" * (2 << 20)
 kv.verify()
 kv.close()
-try:
-    kv.get_many(keys[:3])
-    raise SystemExit("a call after close() worked")
-except sc.StoreClosed:
-    pass
+assert_calls_refused_after_close(kv, keys)
 print("done")
 """
 
-VIEW = r"""
+VIEW = CLOSE_REFUSED + r"""
 import threading
 import statecore as sc
 from statecore.kv import KVStore
@@ -136,14 +147,8 @@ for name, op in ops.items():
     t = threading.Thread(target=lambda: result.append(op()))
     t.start()
     assert entered.wait(10), name
-    try:
-        view.close()
-        raise SystemExit(f"{name}: close() freed the view under a running call")
-    except sc.StoreClosed:
-        raise SystemExit(f"{name}: StoreClosed is for calls after close")
-    except sc.StateError as e:
-        assert "a call is still running in another thread" in str(e), e
-    assert not view.closed and not snap.released
+    assert_close_refused(name, view)
+    assert not snap.released
     del snap._acquire
     go.set()
     t.join(30)
@@ -152,11 +157,7 @@ for name, op in ops.items():
 assert view[b"k000001"] == b"v" * 20
 view.close()
 assert snap.released
-try:
-    view.get_many(keys[:3])
-    raise SystemExit("a call after close() worked")
-except sc.StoreClosed:
-    pass
+assert_calls_refused_after_close(view, keys)
 print("done")
 """
 

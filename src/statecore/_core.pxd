@@ -141,6 +141,10 @@ cdef extern from "statecore.h" nogil:
                                  int threads, sc_replay_result *out, sc_progress *progress)
 
 
+cdef extern from "parallel.h":
+    int SC_MAX_THREADS
+
+
 cdef extern from "delta_pages.h" nogil:
     uint64_t sc_delta_pages_bytes(uint64_t n, uint32_t page_size) noexcept
     sc_status sc_delta_build_pages(sc_store *s, uint64_t since, uint64_t until,

@@ -11,6 +11,7 @@ from typing_extensions import Buffer, disjoint_base
 _BufferLike = Union[Buffer, np.ndarray[Any, Any]]
 
 HEADER_SIZE: int
+MAX_THREADS: int
 FORMAT_VERSION: int
 KIND_DELTA: int
 KIND_CHECKPOINT: int

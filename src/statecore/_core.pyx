@@ -20,6 +20,7 @@ cdef extern from "Python.h":
     const Py_ssize_t PY_SSIZE_T_MAX
 
 HEADER_SIZE = SC_HEADER_SIZE
+MAX_THREADS = SC_MAX_THREADS  # the most threads a bulk job (replay) uses
 FORMAT_VERSION = SC_FORMAT_VERSION
 KIND_DELTA = SC_KIND_DELTA
 KIND_CHECKPOINT = SC_KIND_CHECKPOINT

@@ -56,9 +56,7 @@ class DurableStore(Store):
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if size is None and not _holds_store(self.directory):
-            # Before anything is created: a call that raises changes nothing.
-            raise TypeError(f"{self.directory!r} holds no durable store: size is required "
-                            "to create one")
+            raise _size_required(self.directory)  # before anything is created
         _make_directory(self.directory)
         self._lock_fd = _lock_directory(self.directory)
         try:
@@ -122,9 +120,8 @@ class DurableStore(Store):
 
     def _new_manifest(self, size: Optional[int], page_size: Optional[int],
                       schema_version: Optional[int]) -> Manifest:
-        if size is None:
-            raise TypeError(f"{self.directory!r} holds no durable store: size is required "
-                            "to create one")
+        if size is None:  # its files went away since __init__ looked
+            raise _size_required(self.directory)
         ps = check_page_size(page_size) if page_size is not None else DEFAULT_PAGE_SIZE
         manifest = Manifest(size=check_size(size, ps), page_size=ps, uuid=os.urandom(16).hex(),
                             schema_version=schema_version or 0, segments=[0])
@@ -558,6 +555,10 @@ class DurableStore(Store):
             return "<DurableStore closed>"
         return (f"<DurableStore {self.directory!r} size={self.size} page_size={self.page_size} "
                 f"epoch={self.epoch} committed={self._last_commit}>")
+
+
+def _size_required(directory: str) -> TypeError:
+    return TypeError(f"{directory!r} holds no durable store: size is required to create one")
 
 
 def _holds_store(directory: str) -> bool:

@@ -6,11 +6,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
+from . import _core
 from ._args import as_int
 from .checkpoint import reporting
 from .delta import as_delta
 
-MAX_THREADS = 8  # the core's SC_MAX_THREADS (csrc/parallel.h); more would be capped
+MAX_THREADS = _core.MAX_THREADS  # more would be capped by the core
 
 if TYPE_CHECKING:
     from .store import Store

@@ -47,6 +47,7 @@ typedef struct sc_pool {
      * faulting and zeroing fresh memory, and the kernel reclaims them under pressure. */
     sc_chunk **empty;
     uint64_t n_empty, cap_empty;
+    uint64_t spare;          /* free slots in partial and empty chunks */
 } sc_pool;
 
 static inline sc_chunk *sc__chunk_of(const sc_pool *p, sc_node n) {
@@ -129,6 +130,7 @@ struct sc_store {
     _Atomic uint64_t floor_skips;
     _Atomic sc_node *preserved;  /* per-page chain heads; allocated on first snapshot */
     uint64_t *queued;            /* bit per page: in a prepare batch, copy pending */
+    uint64_t *sort_bits;         /* bit per page: sc__prep_sorted's scratch, zero between */
     sc_pool pool;
     void *replay_scratch;        /* replay.c's per-page table, kept between replays */
 
@@ -144,6 +146,9 @@ void sc__replay_scratch_free(sc_store *s);
 
 /* store.c */
 void sc__persist_header(sc_store *s);
+static inline bool sc__range_ok(const sc_store *s, uint64_t offset, uint64_t len) {
+    return offset <= s->size && len <= s->size - offset;
+}
 
 /* prepare.c: getting pages ready for a write (preserve, then restamp). One page at a
  * time, or many through a batch that makes the preserving copies with a few threads. */
@@ -168,11 +173,36 @@ typedef struct sc_prep {
     uint64_t flight_n;
     sc_copier *copier;
     bool copier_tried;       /* one attempt per prepare: buffers and thread, or neither */
+    uint64_t first, flight_first; /* first page of the batch, of the flight (sorted: lowest) */
 } sc_prep;
 
 void sc__prep_init(sc_prep *b, sc_store *s);
 sc_status sc__prep_page(sc_prep *b, uint64_t page, uint64_t new_version);
 sc_status sc__prep_finish(sc_prep *b); /* copies, publishes, restamps; always frees */
+
+/* Many scattered pages, prepared in address order: mark each (any order, repeats fine),
+ * then prepare the marked pages of [lo, hi]. Needs s->sort_bits (allocated with the first
+ * snapshot), which is left clear: every mark is taken by sc__prep_marked or
+ * sc__sort_clear. Ranges given to these start and end on 64-page (bitmap word) bounds,
+ * or at the ends of the marked span. */
+static inline void sc__sort_mark(sc_store *s, uint64_t p) {
+    s->sort_bits[p >> 6] |= 1ull << (p & 63);
+}
+uint64_t sc__sort_count(const sc_store *s, uint64_t lo, uint64_t hi);
+void sc__sort_clear(sc_store *s, uint64_t lo, uint64_t hi);
+sc_status sc__prep_marked(sc_prep *b, uint64_t lo, uint64_t hi, uint64_t new_version);
+/* The marked pages of [lo, hi] as one batch: sc__prep_marked, then sc__prep_finish. */
+sc_status sc__prep_sorted(sc_store *s, uint64_t lo, uint64_t hi, uint64_t new_version);
+/* Room for `pages` preserved copies made ahead, so that preparing that many pages cannot
+ * fail; SC_ENOMEM changes nothing. */
+sc_status sc__prep_reserve(sc_prep *b, uint64_t pages);
+/* log2 of the pages in an address window that fits one batch (at least a bitmap word). */
+uint64_t sc__prep_window_shift(const sc_store *s);
+/* Hands the pages queued so far to be copied, as a full batch would be. */
+void sc__prep_push(sc_prep *b);
+/* Pages are prepared below this page id (pages queued in address order, the caller has
+ * passed every page below `scanned_below`): their new bytes may be written. */
+uint64_t sc__prep_ready_below(const sc_prep *b, uint64_t scanned_below);
 
 /* Random page ids miss the cache on every page's stamp and version, one miss after another:
  * a writer walking a list of pages asks for those of a page this many ahead. */
@@ -218,6 +248,7 @@ static inline void sc__copy_page(bool stream, uint8_t *dst, const uint8_t *src, 
 void sc__pool_init(sc_pool *p, uint32_t page_size);
 sc_node sc__pool_alloc(sc_pool *p); /* 0: out of memory or ids */
 void sc__pool_free(sc_pool *p, sc_node n);
+bool sc__pool_reserve(sc_pool *p, uint64_t n); /* n allocations that cannot fail, or false */
 void sc__pool_destroy(sc_pool *p);
 
 /* snapshot.c */

@@ -121,24 +121,31 @@ static sc_chunk *chunk_new(sc_pool *p) {
     c->next_in_page = (_Atomic uint32_t *)(c->next_owned + slots);
     c->id = p->next_id++;
     p->chunks++;
+    p->spare += slots;
     return c;
 }
 
 static void chunk_free(sc_pool *p, sc_chunk *c) {
+    p->spare -= ((uint64_t)1 << p->slot_shift) - c->live;
     p->dir[c->id >> p->leaf_shift][c->id & ((1u << p->leaf_shift) - 1)] = NULL;
     munmap(c->base, p->chunk_size);
     free(c);
     p->chunks--;
 }
 
+/* Room in the empty list for one more chunk. */
+static bool empty_room(sc_pool *p) {
+    if (p->n_empty < p->cap_empty) return true;
+    uint64_t cap = p->cap_empty ? p->cap_empty * 2 : 16;
+    sc_chunk **grown = realloc(p->empty, cap * sizeof *grown);
+    if (!grown) return false;
+    p->empty = grown;
+    p->cap_empty = cap;
+    return true;
+}
+
 static void chunk_retire(sc_pool *p, sc_chunk *c) {
-    if (p->n_empty == p->cap_empty) {
-        uint64_t cap = p->cap_empty ? p->cap_empty * 2 : 16;
-        sc_chunk **grown = realloc(p->empty, cap * sizeof *grown);
-        if (!grown) { chunk_free(p, c); return; }
-        p->empty = grown;
-        p->cap_empty = cap;
-    }
+    if (!empty_room(p)) { chunk_free(p, c); return; }
 #ifdef MADV_FREE
     madvise(c->base, p->chunk_size, MADV_FREE);
 #endif
@@ -153,6 +160,7 @@ sc_node sc__pool_alloc(sc_pool *p) {
         if (!c) return 0;
         list_add(p, c);
     }
+    p->spare--;
     sc_chunk *c = p->partial;
     uint32_t slot;
     if (c->free_head) {
@@ -172,11 +180,24 @@ void sc__pool_free(sc_pool *p, sc_node n) {
     c->next_owned[slot] = c->free_head;
     c->free_head = slot + 1;
     c->live--;
+    p->spare++;
     if (!c->listed) list_add(p, c);
     if (c->live == 0) {
         list_remove(p, c);
         chunk_retire(p, c);
     }
+}
+
+/* Chunks made ahead go to the empty list, untouched: they cost address space, not memory,
+ * until used. */
+bool sc__pool_reserve(sc_pool *p, uint64_t n) {
+    while (p->spare < n) {
+        if (!empty_room(p)) return false;
+        sc_chunk *c = chunk_new(p);
+        if (!c) return false;
+        p->empty[p->n_empty++] = c;
+    }
+    return true;
 }
 
 void sc__pool_destroy(sc_pool *p) {

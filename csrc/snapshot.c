@@ -57,11 +57,14 @@ sc_status sc_snapshot_take(sc_store *s, uint64_t *epoch_out) {
          * zero pages, so untouched chains cost no memory either. */
         s->preserved = calloc(s->n_pages, sizeof *s->preserved);
         s->queued = calloc(s->n_groups, sizeof *s->queued);
-        if (!s->preserved || !s->queued) {
+        s->sort_bits = calloc(s->n_groups, sizeof *s->sort_bits);
+        if (!s->preserved || !s->queued || !s->sort_bits) {
             free((void *)s->preserved);
             free(s->queued);
+            free(s->sort_bits);
             s->preserved = NULL;
             s->queued = NULL;
+            s->sort_bits = NULL;
             return SC_ENOMEM;
         }
     }
@@ -244,6 +247,8 @@ void sc__free_all_preserved(sc_store *s) {
     s->preserved = NULL;
     free(s->queued);
     s->queued = NULL;
+    free(s->sort_bits);
+    s->sort_bits = NULL;
     sc__pool_destroy(p);
     atomic_store(&s->preserved_pages, 0);
 }

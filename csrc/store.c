@@ -261,12 +261,9 @@ void sc_store_publish(sc_store *s) {
     atomic_thread_fence(memory_order_release);
 }
 
-static bool range_ok(const sc_store *s, uint64_t offset, uint64_t len) {
-    return offset <= s->size && len <= s->size - offset;
-}
 
 sc_status sc_store_touch_range(sc_store *s, uint64_t offset, uint64_t len) {
-    if (!range_ok(s, offset, len)) return SC_ERANGE;
+    if (!sc__range_ok(s, offset, len)) return SC_ERANGE;
     if (!len) return SC_OK;
     uint64_t first = offset >> s->page_shift, last = (offset + len - 1) >> s->page_shift;
     uint64_t e = atomic_load(&s->epoch);
@@ -304,120 +301,6 @@ sc_status sc_store_touch_pages(sc_store *s, const uint64_t *ids, uint64_t n) {
     return SC_OK;
 }
 
-/* A row index from Python's convention (negative counts from the end), already checked. */
-static uint64_t row_of(int64_t i, int64_t n_rows) {
-    return i < 0 ? (uint64_t)(i + n_rows) : (uint64_t)i;
-}
-
-/* The array's rows lie in the store and every index names one of them. */
-static sc_status check_rows(const sc_store *s, const int64_t *idx, uint64_t n, uint64_t n_rows,
-                            uint64_t base, uint64_t row_bytes, uint64_t *bad) {
-    if (!row_bytes || n_rows > UINT64_MAX / row_bytes || !range_ok(s, base, n_rows * row_bytes))
-        return SC_EINVAL;
-    if (n_rows > (uint64_t)INT64_MAX) return SC_EINVAL;
-    int64_t lo = -(int64_t)n_rows, hi = (int64_t)n_rows;
-    for (uint64_t i = 0; i < n; i++) {
-        if (idx[i] < lo || idx[i] >= hi) {
-            *bad = i;
-            return SC_ERANGE;
-        }
-    }
-    return SC_OK;
-}
-
-static sc_status touch_checked_rows(sc_store *s, const int64_t *idx, uint64_t n, int64_t hi,
-                                   uint64_t base, uint64_t row_bytes) {
-    uint64_t e = atomic_load(&s->epoch), touched = 0, last_page = UINT64_MAX;
-    sc_status st = SC_OK;
-    sc_prep b;
-    sc__prep_init(&b, s);
-    for (uint64_t i = 0; i < n && st == SC_OK; i++) {
-        if (i + SC_PREFETCH_AHEAD < n)
-            sc__prefetch_meta(s, (base + row_of(idx[i + SC_PREFETCH_AHEAD], hi) * row_bytes) >>
-                                     s->page_shift);
-        uint64_t row = row_of(idx[i], hi);
-        uint64_t start = base + row * row_bytes;
-        uint64_t first = start >> s->page_shift, last = (start + row_bytes - 1) >> s->page_shift;
-        for (uint64_t p = first; p <= last && st == SC_OK; p++) {
-            if (p == last_page) continue; /* sorted or clustered indices: skip the repeat */
-            st = sc__prep_page(&b, p, e);
-            last_page = p;
-            touched++;
-        }
-    }
-    sc__prep_finish(&b);
-    if (st) return st;
-    sc__writer_add(&s->pages_written, touched);
-    sc_store_publish(s);
-    return SC_OK;
-}
-
-sc_status sc_store_touch_rows(sc_store *s, const int64_t *idx, uint64_t n, uint64_t n_rows,
-                              uint64_t base, uint64_t row_bytes, uint64_t *bad) {
-    sc_status st = check_rows(s, idx, n, n_rows, base, row_bytes, bad);
-    return st ? st : touch_checked_rows(s, idx, n, (int64_t)n_rows, base, row_bytes);
-}
-
-static inline void copy_row(uint8_t *dst, const uint8_t *src, uint64_t row_bytes) {
-    if (row_bytes == 8) memcpy(dst, src, 8); /* the common int64/float64 case, inlined */
-    else memcpy(dst, src, row_bytes);
-}
-
-/* Prepare the pages of rows idx, one row at a time, and write each row right after its
- * pages: one pass over the scattered pages instead of two. Only when no snapshot is live:
- * then no page needs a preserving copy and nothing can fail half-way. */
-static void write_rows_fused(sc_store *s, const int64_t *idx, uint64_t n, int64_t n_rows,
-                             uint64_t base, uint64_t row_bytes, const uint8_t *src,
-                             uint64_t src_stride) {
-    uint64_t e = atomic_load(&s->epoch), touched = 0, last_page = UINT64_MAX;
-    sc_prep b;
-    sc__prep_init(&b, s);
-    for (uint64_t i = 0; i < n; i++) {
-        if (i + SC_PREFETCH_AHEAD < n) {
-            uint64_t ahead = base + row_of(idx[i + SC_PREFETCH_AHEAD], n_rows) * row_bytes;
-            sc__prefetch_meta(s, ahead >> s->page_shift);
-            __builtin_prefetch(s->data + ahead, 1);
-        }
-        uint64_t start = base + row_of(idx[i], n_rows) * row_bytes;
-        uint64_t first = start >> s->page_shift, last = (start + row_bytes - 1) >> s->page_shift;
-        for (uint64_t p = first; p <= last; p++) {
-            if (p == last_page) continue;
-            (void)sc__prep_page(&b, p, e); /* restamps only: cannot fail without a snapshot */
-            last_page = p;
-            touched++;
-        }
-        sc_store_publish(s); /* the new stamps before the new bytes, as on every path */
-        copy_row(s->data + start, src + i * src_stride, row_bytes);
-    }
-    sc__prep_finish(&b);
-    sc__writer_add(&s->pages_written, touched);
-}
-
-sc_status sc_store_write_rows(sc_store *s, const int64_t *idx, uint64_t n, uint64_t n_rows,
-                              uint64_t base, uint64_t row_bytes, const void *src,
-                              uint64_t src_stride, uint64_t *bad) {
-    sc_status st = check_rows(s, idx, n, n_rows, base, row_bytes, bad);
-    if (st || !n) return st;
-    const uint8_t *in = src;
-    if (!s->newest_snap) {
-        write_rows_fused(s, idx, n, (int64_t)n_rows, base, row_bytes, in, src_stride);
-        return SC_OK;
-    }
-    /* A live snapshot: every page prepared (and its old content preserved) first, so that a
-     * failed copy leaves nothing written; then the rows, in order (the last of repeats wins). */
-    st = touch_checked_rows(s, idx, n, (int64_t)n_rows, base, row_bytes);
-    if (st) return st;
-    uint8_t *rows = s->data + base;
-    for (uint64_t i = 0; i < n; i++) {
-        if (i + SC_PREFETCH_AHEAD < n)
-            __builtin_prefetch(rows + row_of(idx[i + SC_PREFETCH_AHEAD], (int64_t)n_rows) * row_bytes,
-                               1);
-        copy_row(rows + row_of(idx[i], (int64_t)n_rows) * row_bytes, in + i * src_stride,
-                 row_bytes);
-    }
-    return SC_OK;
-}
-
 sc_status sc_store_write(sc_store *s, uint64_t offset, const void *src, uint64_t len) {
     sc_status st = sc_store_touch_range(s, offset, len);
     if (st) return st;
@@ -439,7 +322,7 @@ sc_status sc_store_write_pages(sc_store *s, const uint64_t *ids, uint64_t n, con
 }
 
 sc_status sc_store_read(const sc_store *s, uint64_t offset, void *dst, uint64_t len) {
-    if (!range_ok(s, offset, len)) return SC_ERANGE;
+    if (!sc__range_ok(s, offset, len)) return SC_ERANGE;
     memcpy(dst, s->data + offset, len);
     return SC_OK;
 }

@@ -677,6 +677,126 @@ static void test_write_rows(void) {
     sc_store_close(s);
 }
 
+/* Many rows under a live snapshot (rows.c's sorted path): pages marked, copied in address
+ * order one window (16 MiB here) at a time, each window's rows written once it is
+ * published. Rows straddle pages and windows, repeat (the last wins) and count from the
+ * end; the result equals the rows written one by one, the snapshot keeps its bytes, and
+ * each touched page is preserved once. */
+#define SORTED_ROWS 20000
+static void sorted_rows_setup(int64_t *idx, int64_t n_rows, uint64_t base, uint64_t row_bytes,
+                              uint64_t window) {
+    int64_t straddler = (int64_t)((window - base) / row_bytes); /* crosses the first window end */
+    for (int i = 0; i < SORTED_ROWS; i++) {
+        int64_t r = (int64_t)rnd_below((uint64_t)n_rows);
+        idx[i] = i % 7 == 0 ? r - n_rows : i % 13 == 0 ? idx[rnd_below((uint64_t)i)] : r;
+    }
+    idx[5] = straddler;
+    idx[SORTED_ROWS - 1] = straddler; /* the same row again, last */
+}
+
+static uint64_t distinct_pages(const int64_t *idx, int64_t n_rows, uint64_t base,
+                               uint64_t row_bytes, uint32_t ps, uint64_t n_pages) {
+    uint8_t *seen = calloc(n_pages, 1);
+    REQUIRE(seen);
+    uint64_t n = 0;
+    for (int i = 0; i < SORTED_ROWS; i++) {
+        uint64_t start = base + (uint64_t)(idx[i] < 0 ? idx[i] + n_rows : idx[i]) * row_bytes;
+        for (uint64_t p = start / ps; p <= (start + row_bytes - 1) / ps; p++) n += !seen[p]++;
+    }
+    free(seen);
+    return n;
+}
+
+static void test_write_rows_sorted(void) {
+    const uint32_t ps = 4096;
+    const uint64_t size = 40u << 20, base = 4000, row_bytes = 24, window = 16u << 20;
+    const int64_t n_rows = (int64_t)((size - base) / row_bytes);
+    static int64_t idx[SORTED_ROWS];
+    uint8_t *want = xmalloc(size), *before = xmalloc(size), *seen = xmalloc(size);
+    uint8_t *src = xmalloc(SORTED_ROWS * row_bytes);
+    sc_store *s = NULL;
+    CHECK_ST(sc_store_open(NULL, size, ps, &s), SC_OK);
+    REQUIRE(s);
+    fill_random(&g_rng, want, size);
+    CHECK_ST(sc_store_write(s, 0, want, size), SC_OK);
+    uint64_t bad = 0, e = 0;
+    for (int round = 0; round < 3; round++) {
+        if (round < 2) CHECK_ST(sc_snapshot_take(s, &e), SC_OK); /* round 2: same snapshot */
+        memcpy(before, want, size);
+        sorted_rows_setup(idx, n_rows, base, row_bytes, window);
+        fill_random(&g_rng, src, SORTED_ROWS * row_bytes);
+        sc_stats st0, st1;
+        sc_store_stats(s, &st0);
+        CHECK_ST(sc_store_write_rows(s, idx, SORTED_ROWS, (uint64_t)n_rows, base, row_bytes, src,
+                                     row_bytes, &bad), SC_OK);
+        write_rows_by_hand(want, idx, SORTED_ROWS, n_rows, base, row_bytes, src, row_bytes);
+        CHECK(memcmp(sc_store_data(s), want, size) == 0);
+        sc_store_stats(s, &st1);
+        if (round < 2)
+            CHECK_EQ_U64(st1.pages_preserved_total - st0.pages_preserved_total,
+                         distinct_pages(idx, n_rows, base, row_bytes, ps, size / ps));
+        CHECK_ST(sc_snapshot_read(s, e, 0, seen, size), SC_OK);
+        if (round < 2) CHECK(memcmp(seen, before, size) == 0);
+        if (round == 1) CHECK_ST(sc_snapshot_release(s, e - 1), SC_OK); /* round 0's */
+    }
+    CHECK_ST(sc_snapshot_release(s, e), SC_OK);
+    sc_store_close(s);
+    free(want);
+    free(before);
+    free(seen);
+    free(src);
+}
+
+/* The sorted path's allocations (its partition, the batch, the reserved copies) failing
+ * in turn: SC_ENOMEM with nothing written, or success; then the same write succeeds. */
+static void test_write_rows_sorted_alloc_failures(void) {
+#ifdef SC_FAULT_INJECTION
+    const uint32_t ps = 4096;
+    const uint64_t size = 40u << 20, base = 4000, row_bytes = 24;
+    const int64_t n_rows = (int64_t)((size - base) / row_bytes);
+    static int64_t idx[SORTED_ROWS];
+    uint8_t *start = xmalloc(size), *want = xmalloc(size), *seen = xmalloc(size);
+    uint8_t *src = xmalloc(SORTED_ROWS * row_bytes);
+    fill_random(&g_rng, start, size);
+    fill_random(&g_rng, src, SORTED_ROWS * row_bytes);
+    sorted_rows_setup(idx, n_rows, base, row_bytes, 16u << 20);
+    memcpy(want, start, size);
+    write_rows_by_hand(want, idx, SORTED_ROWS, n_rows, base, row_bytes, src, row_bytes);
+    bool injected = true;
+    long failures = 0;
+    uint64_t bad = 0;
+    for (long k = 0; k < 1000 && injected; k++) {
+        sc_store *s = NULL;
+        CHECK_ST(sc_store_open(NULL, size, ps, &s), SC_OK);
+        REQUIRE(s);
+        CHECK_ST(sc_store_write(s, 0, start, size), SC_OK);
+        uint64_t e = 0;
+        CHECK_ST(sc_snapshot_take(s, &e), SC_OK);
+        atomic_store(&sc_test_allocs_left, k);
+        sc_status st = sc_store_write_rows(s, idx, SORTED_ROWS, (uint64_t)n_rows, base,
+                                           row_bytes, src, row_bytes, &bad);
+        injected = atomic_exchange(&sc_test_allocs_left, -1) < 0;
+        CHECK(st == SC_OK || (st == SC_ENOMEM && injected));
+        failures += st != SC_OK;
+        CHECK(memcmp(sc_store_data(s), st == SC_OK ? want : start, size) == 0);
+        if (st != SC_OK)
+            CHECK_ST(sc_store_write_rows(s, idx, SORTED_ROWS, (uint64_t)n_rows, base, row_bytes,
+                                         src, row_bytes, &bad), SC_OK);
+        CHECK(memcmp(sc_store_data(s), want, size) == 0);
+        CHECK_ST(sc_snapshot_read(s, e, 0, seen, size), SC_OK);
+        CHECK(memcmp(seen, start, size) == 0);
+        CHECK_ST(sc_snapshot_release(s, e), SC_OK);
+        sc_store_close(s);
+    }
+    CHECK(!injected);
+    CHECK(failures >= 3); /* the partition, the batch buffers, the pool chunks */
+    free(start);
+    free(want);
+    free(seen);
+    free(src);
+#endif
+}
+
 /* Bulk writes and applies of 4 MiB or more take the streaming-store copy (stream_copy.c),
  * and a write preserving several batches copies them on the copier thread
  * (prep_copier.c): same bytes, versions and snapshot behaviour as the ordinary paths,
@@ -2161,6 +2281,8 @@ static const test_case tests[] = {
     {"bounds", test_bounds},
     {"write_pages", test_write_pages},
     {"write_rows", test_write_rows},
+    {"write_rows_sorted", test_write_rows_sorted},
+    {"write_rows_sorted_alloc_failures", test_write_rows_sorted_alloc_failures},
     {"write_alloc_failures", test_write_alloc_failures},
     {"checkpoint_staged", test_checkpoint_staged},
     {"checkpoint_under_writer", test_checkpoint_under_writer},

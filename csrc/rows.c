@@ -159,73 +159,74 @@ static void write_rows_fused(sc_store *s, const int64_t *idx, uint64_t n, int64_
 typedef struct {
     const int64_t *idx;
     int64_t n_rows;
-    uint8_t *rows;
-    uint64_t row_bytes;
+    uint64_t base, row_bytes;
     const uint8_t *src;
     uint64_t src_stride;
-    const uint32_t *order;  /* row positions, grouped by window */
-    const uint64_t *ends;   /* end of each window's group in order */
+    /* The rows grouped by window, in their given order within each: where each goes in
+     * the store, which source row it takes, and where each window's group ends. */
+    uint64_t *at;
+    uint32_t *from;
+    uint64_t *ends;
 } window_rows;
 
-/* The rows' positions and values sit at random places in idx and src (cached: the
- * partition just read them), so they are fetched two steps ahead of the row itself. */
-static void write_window(const window_rows *w, uint64_t k) {
+/* A group's destinations are read in order, and each row's source (at a random place in
+ * src) is fetched two steps ahead of writing it. Grouped by window, the writes land in
+ * 16 MiB instead of the whole store: several times fewer TLB and DRAM-page misses than
+ * writing in the given order, even with nothing cached. */
+static void write_window(sc_store *s, const window_rows *w, uint64_t k) {
     uint64_t begin = k ? w->ends[k - 1] : 0, end = w->ends[k];
     const uint64_t near = SC_PREFETCH_AHEAD, far = 2 * SC_PREFETCH_AHEAD;
     for (uint64_t j = begin; j < end; j++) {
-        if (j + far < end) {
-            uint32_t ahead = w->order[j + far];
-            __builtin_prefetch(&w->idx[ahead]);
-            __builtin_prefetch(w->src + ahead * w->src_stride);
-        }
-        if (j + near < end)
-            __builtin_prefetch(w->rows + row_of(w->idx[w->order[j + near]], w->n_rows) *
-                                             w->row_bytes, 1);
-        uint64_t i = w->order[j];
-        copy_row(w->rows + row_of(w->idx[i], w->n_rows) * w->row_bytes, w->src + i * w->src_stride,
-                 w->row_bytes);
+        if (j + far < end) __builtin_prefetch(w->src + w->from[j + far] * w->src_stride);
+        if (j + near < end) __builtin_prefetch(s->data + w->at[j + near], 1);
+        copy_row(s->data + w->at[j], w->src + w->from[j] * w->src_stride, w->row_bytes);
     }
 }
 
 /* ends[k] counts window k's rows on entry; on return it is where window k's group ends. */
-static void group_by_window(sc_store *s, const int64_t *idx, uint64_t n, int64_t n_rows,
-                            uint64_t base, uint64_t row_bytes, uint64_t shift,
-                            uint64_t first_window, uint64_t n_windows, uint64_t *ends,
-                            uint32_t *order) {
+static void group_by_window(sc_store *s, window_rows *w, uint64_t n, uint64_t shift,
+                            uint64_t first_window, uint64_t n_windows) {
+    uint64_t *ends = w->ends;
     for (uint64_t k = 1; k < n_windows; k++) ends[k] += ends[k - 1];
     /* Filled back to front, each group's end moves down to its start: stable order. */
     for (uint64_t i = n; i-- > 0;) {
-        uint64_t last = (base + (row_of(idx[i], n_rows) + 1) * row_bytes - 1) >> s->page_shift;
-        order[--ends[(last >> shift) - first_window]] = (uint32_t)i;
+        uint64_t start = w->base + row_of(w->idx[i], w->n_rows) * w->row_bytes;
+        uint64_t last = (start + w->row_bytes - 1) >> s->page_shift;
+        uint64_t j = --ends[(last >> shift) - first_window];
+        w->at[j] = start;
+        w->from[j] = (uint32_t)i;
     }
     for (uint64_t k = 0; k + 1 < n_windows; k++) ends[k] = ends[k + 1];
     ends[n_windows - 1] = n;
 }
 
-static sc_status write_rows_sorted(sc_store *s, const window_rows *w, uint64_t n,
-                                   uint64_t base, uint64_t first, uint64_t last) {
+static void free_groups(window_rows *w) {
+    free(w->ends);
+    free(w->at);
+    free(w->from);
+}
+
+static sc_status write_rows_sorted(sc_store *s, window_rows *w, uint64_t n, uint64_t first,
+                                   uint64_t last) {
     uint64_t shift = sc__prep_window_shift(s), w0 = first >> shift;
     uint64_t n_windows = (last >> shift) - w0 + 1, touched = 0;
-    uint64_t *ends = sc__alloc_fails() ? NULL : calloc(n_windows, sizeof *ends);
-    uint32_t *order = sc__alloc_fails() ? NULL : malloc(n * sizeof *order);
+    w->ends = sc__alloc_fails() ? NULL : calloc(n_windows, sizeof *w->ends);
+    w->at = sc__alloc_fails() ? NULL : malloc(n * sizeof *w->at);
+    w->from = sc__alloc_fails() ? NULL : malloc(n * sizeof *w->from);
     sc_prep b;
     sc__prep_init(&b, s);
-    sc_status st = ends && order ? SC_OK : SC_ENOMEM;
+    sc_status st = w->ends && w->at && w->from ? SC_OK : SC_ENOMEM;
     if (!st) {
-        mark_rows(s, w->idx, n, w->n_rows, base, w->row_bytes, &touched, ends, shift, w0);
+        mark_rows(s, w->idx, n, w->n_rows, w->base, w->row_bytes, &touched, w->ends, shift, w0);
         st = sc__prep_reserve(&b, sc__sort_count(s, first, last));
         if (st) sc__sort_clear(s, first, last);
     }
     if (st) {
         sc__prep_finish(&b);
-        free(ends);
-        free(order);
+        free_groups(w);
         return st;
     }
-    group_by_window(s, w->idx, n, w->n_rows, base, w->row_bytes, shift, w0, n_windows, ends, order);
-    window_rows rows = *w;
-    rows.order = order;
-    rows.ends = ends;
+    group_by_window(s, w, n, shift, w0, n_windows);
     uint64_t e = atomic_load(&s->epoch), written = 0;
     for (uint64_t k = 0; k < n_windows; k++) {
         uint64_t lo = (w0 + k) << shift, hi = ((w0 + k + 1) << shift) - 1;
@@ -235,13 +236,12 @@ static sc_status write_rows_sorted(sc_store *s, const window_rows *w, uint64_t n
         uint64_t ready = sc__prep_ready_below(&b, hi + 1);
         sc_store_publish(s); /* the new stamps before the new bytes, as on every path */
         for (; written < n_windows && (w0 + written + 1) << shift <= ready; written++)
-            write_window(&rows, written);
+            write_window(s, w, written);
     }
     sc__prep_finish(&b);
     sc_store_publish(s);
-    for (; written < n_windows; written++) write_window(&rows, written);
-    free(ends);
-    free(order);
+    for (; written < n_windows; written++) write_window(s, w, written);
+    free_groups(w);
     sc__writer_add(&s->pages_written, touched);
     return SC_OK;
 }
@@ -260,8 +260,8 @@ sc_status sc_store_write_rows(sc_store *s, const int64_t *idx, uint64_t n, uint6
     uint64_t first = (base + span[0] * row_bytes) >> s->page_shift;
     uint64_t last = (base + (span[1] + 1) * row_bytes - 1) >> s->page_shift;
     if (worth_sorting(s, n, first, last) && n <= UINT32_MAX) {
-        window_rows w = {idx, (int64_t)n_rows, s->data + base, row_bytes, in, src_stride, NULL, NULL};
-        return write_rows_sorted(s, &w, n, base, first, last);
+        window_rows w = {idx, (int64_t)n_rows, base, row_bytes, in, src_stride, NULL, NULL, NULL};
+        return write_rows_sorted(s, &w, n, first, last);
     }
     /* A live snapshot: every page prepared (and its old content preserved) first, so that a
      * failed copy leaves nothing written; then the rows, in order (the last of repeats wins). */

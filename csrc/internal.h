@@ -188,6 +188,8 @@ sc_status sc__prep_finish(sc_prep *b); /* copies, publishes, restamps; always fr
 static inline void sc__sort_mark(sc_store *s, uint64_t p) {
     s->sort_bits[p >> 6] |= 1ull << (p & 63);
 }
+/* Enough pages, densely enough spread over [first, last], for address order to pay. */
+bool sc__prep_worth_sorting(const sc_store *s, uint64_t n, uint64_t first, uint64_t last);
 uint64_t sc__sort_count(const sc_store *s, uint64_t lo, uint64_t hi);
 void sc__sort_clear(sc_store *s, uint64_t lo, uint64_t hi);
 sc_status sc__prep_marked(sc_prep *b, uint64_t lo, uint64_t hi, uint64_t new_version);

@@ -205,6 +205,12 @@ sc_status sc__prep_finish(sc_prep *b) {
     return SC_OK;
 }
 
+/* Only under a live snapshot (otherwise nothing is copied), for at least 1024 pages or
+ * rows, and with no more than 4 bitmap words to scan per page or row. */
+bool sc__prep_worth_sorting(const sc_store *s, uint64_t n, uint64_t first, uint64_t last) {
+    return s->sort_bits && s->newest_snap && n >= 1024 && ((last - first) >> 6) <= 4 * n;
+}
+
 uint64_t sc__sort_count(const sc_store *s, uint64_t lo, uint64_t hi) {
     uint64_t n = 0;
     for (uint64_t g = lo >> 6; g <= hi >> 6; g++) n += (uint64_t)__builtin_popcountll(s->sort_bits[g]);

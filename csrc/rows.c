@@ -33,12 +33,6 @@ static sc_status check_rows(const sc_store *s, const int64_t *idx, uint64_t n, u
     return SC_OK;
 }
 
-/* Enough pages, densely enough spread, that preparing them in address order pays for a
- * pass over their bitmap words: at least 1024 rows, and no more than 4 words per row. */
-static bool worth_sorting(const sc_store *s, uint64_t n, uint64_t first, uint64_t last) {
-    return s->sort_bits && s->newest_snap && n >= 1024 && ((last - first) >> 6) <= 4 * n;
-}
-
 /* Marks every page of the rows for sc__prep_marked, counting page writes as the unsorted
  * path does; with `per_window`, also counts each window's rows (a row belongs to the
  * window of its last page, which is prepared last). */
@@ -97,7 +91,7 @@ static sc_status touch_checked_rows(sc_store *s, const int64_t *idx, uint64_t n,
     uint64_t first = (base + span[0] * row_bytes) >> s->page_shift;
     uint64_t last = (base + (span[1] + 1) * row_bytes - 1) >> s->page_shift;
     uint64_t touched = 0;
-    sc_status st = worth_sorting(s, n, first, last)
+    sc_status st = sc__prep_worth_sorting(s, n, first, last)
                        ? touch_rows_sorted(s, idx, n, hi, base, row_bytes, first, last, &touched)
                        : touch_rows_in_order(s, idx, n, hi, base, row_bytes, &touched);
     if (st) return st;
@@ -259,7 +253,7 @@ sc_status sc_store_write_rows(sc_store *s, const int64_t *idx, uint64_t n, uint6
     }
     uint64_t first = (base + span[0] * row_bytes) >> s->page_shift;
     uint64_t last = (base + (span[1] + 1) * row_bytes - 1) >> s->page_shift;
-    if (worth_sorting(s, n, first, last) && n <= UINT32_MAX) {
+    if (sc__prep_worth_sorting(s, n, first, last) && n <= UINT32_MAX) {
         window_rows w = {idx, (int64_t)n_rows, base, row_bytes, in, src_stride, NULL, NULL, NULL};
         return write_rows_sorted(s, &w, n, first, last);
     }

@@ -283,9 +283,7 @@ sc_status sc_store_touch_range(sc_store *s, uint64_t offset, uint64_t len) {
     return SC_OK;
 }
 
-sc_status sc_store_touch_pages(sc_store *s, const uint64_t *ids, uint64_t n) {
-    for (uint64_t i = 0; i < n; i++)
-        if (ids[i] >= s->n_pages) return SC_ERANGE;
+static sc_status touch_pages_in_order(sc_store *s, const uint64_t *ids, uint64_t n) {
     uint64_t e = atomic_load(&s->epoch);
     sc_prep b;
     sc__prep_init(&b, s);
@@ -295,6 +293,23 @@ sc_status sc_store_touch_pages(sc_store *s, const uint64_t *ids, uint64_t n) {
         st = sc__prep_page(&b, ids[i], e);
     }
     sc__prep_finish(&b);
+    return st;
+}
+
+sc_status sc_store_touch_pages(sc_store *s, const uint64_t *ids, uint64_t n) {
+    uint64_t lo = UINT64_MAX, hi = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (ids[i] >= s->n_pages) return SC_ERANGE;
+        lo = ids[i] < lo ? ids[i] : lo;
+        hi = ids[i] > hi ? ids[i] : hi;
+    }
+    sc_status st;
+    if (n && sc__prep_worth_sorting(s, n, lo, hi)) {
+        for (uint64_t i = 0; i < n; i++) sc__sort_mark(s, ids[i]);
+        st = sc__prep_sorted(s, lo, hi, atomic_load(&s->epoch));
+    } else {
+        st = touch_pages_in_order(s, ids, n);
+    }
     if (st) return st;
     sc__writer_add(&s->pages_written, n);
     sc_store_publish(s);

@@ -122,6 +122,18 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.array(dtype, offset=offset, shape=shape)[key] = vals
         ref[key] = vals
 
+    @rule(view=st.sampled_from([FLAT, STRADDLING, ROWS]), seed=st.integers(0, 2**32 - 1),
+          n=st.integers(1024, 3000))
+    def array_setitem_many_rows(self, view, seed, n):
+        """1024 rows or more: the core's sorted path (pages prepared in address order, rows
+        written per window behind the copies), with many repeats."""
+        dtype, offset, shape = view
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(-shape[0], shape[0], n)
+        vals = rng.integers(-1000, 1000, (n,) + shape[1:])
+        self.store.array(dtype, offset=offset, shape=shape)[idx] = vals
+        self.model.array(dtype, offset=offset, shape=shape)[idx] = vals
+
     @rule(view=st.sampled_from([FLAT, STRADDLING, ROWS]), data=st.data(), value=values)
     def add_at(self, view, data, value):
         dtype, offset, shape = view

@@ -558,37 +558,34 @@ static void test_write_pages(void) {
     sc_store_close(s);
 }
 
-/* Each allocation a large write under a snapshot makes (batch buffers, the copier thread,
- * pool chunks) failing in turn: the write either reports SC_ENOMEM and writes nothing or
- * (the copier is optional) succeeds without it; the snapshot keeps its bytes, the same
- * write then succeeds, and nothing leaks (ASan's leak check at exit). Up to the first k
- * past the write's last allocation. */
-static void test_write_alloc_failures(void) {
 #ifdef SC_FAULT_INJECTION
-    const uint32_t ps = 4096;
-    const uint64_t n = (40u << 20) / ps, size = n * ps; /* over two copier batches */
-    uint8_t *before = xmalloc(size), *after = xmalloc(size), *seen = xmalloc(size);
-    uint64_t *ids = xmalloc(n * sizeof *ids);
-    for (uint64_t i = 0; i < n; i++) ids[i] = i;
-    fill_random(&g_rng, before, size);
-    fill_random(&g_rng, after, size);
+typedef sc_status (*store_write_fn)(sc_store *s, const void *ctx);
+
+/* One write into a store holding `before`, under a snapshot, with allocation k failing for
+ * k = 0, 1, ... until the write no longer reaches k: it reports SC_ENOMEM and writes
+ * nothing or (an optional allocation) succeeds without it; the snapshot keeps `before`,
+ * the same write then succeeds and leaves `after`, and nothing leaks (ASan's leak check
+ * at exit). Returns how many of the writes failed. */
+static long write_under_alloc_failures(uint32_t ps, uint64_t size, const uint8_t *before,
+                                       const uint8_t *after, store_write_fn write,
+                                       const void *ctx) {
+    uint8_t *seen = xmalloc(size);
     bool injected = true;
     long failures = 0;
     for (long k = 0; k < 1000 && injected; k++) {
         sc_store *s = NULL;
         CHECK_ST(sc_store_open(NULL, size, ps, &s), SC_OK);
-        REQUIRE(s);
+        if (!s) break; /* counted by the check above */
         CHECK_ST(sc_store_write(s, 0, before, size), SC_OK);
         uint64_t e = 0;
         CHECK_ST(sc_snapshot_take(s, &e), SC_OK);
         atomic_store(&sc_test_allocs_left, k);
-        sc_status st = sc_store_write_pages(s, ids, n, after);
+        sc_status st = write(s, ctx);
         injected = atomic_exchange(&sc_test_allocs_left, -1) < 0; /* allocation k failed */
         CHECK(st == SC_OK || (st == SC_ENOMEM && injected));
-        bool succeeded = st == SC_OK;
-        failures += !succeeded;
-        CHECK(memcmp(sc_store_data(s), succeeded ? after : before, size) == 0);
-        if (!succeeded) CHECK_ST(sc_store_write_pages(s, ids, n, after), SC_OK);
+        failures += st != SC_OK;
+        CHECK(memcmp(sc_store_data(s), st == SC_OK ? after : before, size) == 0);
+        if (st != SC_OK) CHECK_ST(write(s, ctx), SC_OK);
         CHECK(memcmp(sc_store_data(s), after, size) == 0);
         CHECK_ST(sc_snapshot_read(s, e, 0, seen, size), SC_OK);
         CHECK(memcmp(seen, before, size) == 0);
@@ -596,10 +593,38 @@ static void test_write_alloc_failures(void) {
         sc_store_close(s);
     }
     CHECK(!injected); /* reached a k the write no longer gets to */
-    CHECK(failures > 3); /* the batch buffers and pool chunks at least */
+    free(seen);
+    return failures;
+}
+
+typedef struct {
+    const uint64_t *ids;
+    uint64_t n;
+    const uint8_t *src;
+} pages_write;
+
+static sc_status write_all_pages(sc_store *s, const void *ctx) {
+    const pages_write *w = ctx;
+    return sc_store_write_pages(s, w->ids, w->n, w->src);
+}
+#endif
+
+/* Each allocation a large write under a snapshot makes (batch buffers, the copier thread,
+ * pool chunks) failing in turn (write_under_alloc_failures). */
+static void test_write_alloc_failures(void) {
+#ifdef SC_FAULT_INJECTION
+    const uint32_t ps = 4096;
+    const uint64_t n = (40u << 20) / ps, size = n * ps; /* over two copier batches */
+    uint8_t *before = xmalloc(size), *after = xmalloc(size);
+    uint64_t *ids = xmalloc(n * sizeof *ids);
+    for (uint64_t i = 0; i < n; i++) ids[i] = i;
+    fill_random(&g_rng, before, size);
+    fill_random(&g_rng, after, size);
+    pages_write w = {ids, n, after};
+    /* the batch buffers and pool chunks at least */
+    CHECK(write_under_alloc_failures(ps, size, before, after, write_all_pages, &w) > 3);
     free(before);
     free(after);
-    free(seen);
     free(ids);
 #endif
 }
@@ -696,8 +721,8 @@ static void sorted_rows_setup(int64_t *idx, int64_t n_rows, uint64_t base, uint6
 
 static uint64_t distinct_pages(const int64_t *idx, int64_t n_rows, uint64_t base,
                                uint64_t row_bytes, uint32_t ps, uint64_t n_pages) {
-    uint8_t *seen = calloc(n_pages, 1);
-    REQUIRE(seen);
+    uint8_t *seen = xmalloc(n_pages);
+    memset(seen, 0, n_pages);
     uint64_t n = 0;
     for (int i = 0; i < SORTED_ROWS; i++) {
         uint64_t start = base + (uint64_t)(idx[i] < 0 ? idx[i] + n_rows : idx[i]) * row_bytes;
@@ -747,52 +772,42 @@ static void test_write_rows_sorted(void) {
     free(src);
 }
 
+#ifdef SC_FAULT_INJECTION
+typedef struct {
+    const int64_t *idx;
+    int64_t n_rows;
+    uint64_t base, row_bytes;
+    const uint8_t *src;
+} rows_write;
+
+static sc_status write_sorted_rows(sc_store *s, const void *ctx) {
+    const rows_write *w = ctx;
+    uint64_t bad = 0;
+    return sc_store_write_rows(s, w->idx, SORTED_ROWS, (uint64_t)w->n_rows, w->base,
+                               w->row_bytes, w->src, w->row_bytes, &bad);
+}
+#endif
+
 /* The sorted path's allocations (its partition, the batch, the reserved copies) failing
- * in turn: SC_ENOMEM with nothing written, or success; then the same write succeeds. */
+ * in turn (write_under_alloc_failures). */
 static void test_write_rows_sorted_alloc_failures(void) {
 #ifdef SC_FAULT_INJECTION
     const uint32_t ps = 4096;
     const uint64_t size = 40u << 20, base = 4000, row_bytes = 24;
     const int64_t n_rows = (int64_t)((size - base) / row_bytes);
     static int64_t idx[SORTED_ROWS];
-    uint8_t *start = xmalloc(size), *want = xmalloc(size), *seen = xmalloc(size);
+    uint8_t *start = xmalloc(size), *want = xmalloc(size);
     uint8_t *src = xmalloc(SORTED_ROWS * row_bytes);
     fill_random(&g_rng, start, size);
     fill_random(&g_rng, src, SORTED_ROWS * row_bytes);
     sorted_rows_setup(idx, n_rows, base, row_bytes, 16u << 20);
     memcpy(want, start, size);
     write_rows_by_hand(want, idx, SORTED_ROWS, n_rows, base, row_bytes, src, row_bytes);
-    bool injected = true;
-    long failures = 0;
-    uint64_t bad = 0;
-    for (long k = 0; k < 1000 && injected; k++) {
-        sc_store *s = NULL;
-        CHECK_ST(sc_store_open(NULL, size, ps, &s), SC_OK);
-        REQUIRE(s);
-        CHECK_ST(sc_store_write(s, 0, start, size), SC_OK);
-        uint64_t e = 0;
-        CHECK_ST(sc_snapshot_take(s, &e), SC_OK);
-        atomic_store(&sc_test_allocs_left, k);
-        sc_status st = sc_store_write_rows(s, idx, SORTED_ROWS, (uint64_t)n_rows, base,
-                                           row_bytes, src, row_bytes, &bad);
-        injected = atomic_exchange(&sc_test_allocs_left, -1) < 0;
-        CHECK(st == SC_OK || (st == SC_ENOMEM && injected));
-        failures += st != SC_OK;
-        CHECK(memcmp(sc_store_data(s), st == SC_OK ? want : start, size) == 0);
-        if (st != SC_OK)
-            CHECK_ST(sc_store_write_rows(s, idx, SORTED_ROWS, (uint64_t)n_rows, base, row_bytes,
-                                         src, row_bytes, &bad), SC_OK);
-        CHECK(memcmp(sc_store_data(s), want, size) == 0);
-        CHECK_ST(sc_snapshot_read(s, e, 0, seen, size), SC_OK);
-        CHECK(memcmp(seen, start, size) == 0);
-        CHECK_ST(sc_snapshot_release(s, e), SC_OK);
-        sc_store_close(s);
-    }
-    CHECK(!injected);
-    CHECK(failures >= 3); /* the partition, the batch buffers, the pool chunks */
+    rows_write w = {idx, n_rows, base, row_bytes, src};
+    /* the partition, the batch buffers, the pool chunks */
+    CHECK(write_under_alloc_failures(ps, size, start, want, write_sorted_rows, &w) >= 3);
     free(start);
     free(want);
-    free(seen);
     free(src);
 #endif
 }

@@ -2,6 +2,7 @@
  * assignment): bounds checks, the pages' preparation, and the rows' bytes. */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "internal.h"
 
@@ -194,22 +195,33 @@ static void group_by_window(sc_store *s, window_rows *w, uint64_t n, uint64_t sh
     ends[n_windows - 1] = n;
 }
 
-static void free_groups(window_rows *w) {
+/* The groups' arrays are mapped for the write and unmapped after it, not malloc'd: freed
+ * heap memory of this size stays in the process, and would count against what a
+ * snapshot is allowed to hold (its preserved pages and 1% of the state). */
+static uint64_t groups_bytes(uint64_t n) { return n * (sizeof(uint64_t) + sizeof(uint32_t)); }
+
+static bool alloc_groups(window_rows *w, uint64_t n, uint64_t n_windows) {
+    w->ends = sc__alloc_fails() ? NULL : calloc(n_windows, sizeof *w->ends);
+    void *m = sc__alloc_fails() ? MAP_FAILED
+                                : mmap(NULL, groups_bytes(n), PROT_READ | PROT_WRITE,
+                                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    w->at = m == MAP_FAILED ? NULL : m;
+    w->from = w->at ? (uint32_t *)(w->at + n) : NULL;
+    return w->ends && w->at;
+}
+
+static void free_groups(window_rows *w, uint64_t n) {
     free(w->ends);
-    free(w->at);
-    free(w->from);
+    if (w->at) munmap(w->at, groups_bytes(n));
 }
 
 static sc_status write_rows_sorted(sc_store *s, window_rows *w, uint64_t n, uint64_t first,
                                    uint64_t last) {
     uint64_t shift = sc__prep_window_shift(s), w0 = first >> shift;
     uint64_t n_windows = (last >> shift) - w0 + 1, touched = 0;
-    w->ends = sc__alloc_fails() ? NULL : calloc(n_windows, sizeof *w->ends);
-    w->at = sc__alloc_fails() ? NULL : malloc(n * sizeof *w->at);
-    w->from = sc__alloc_fails() ? NULL : malloc(n * sizeof *w->from);
     sc_prep b;
     sc__prep_init(&b, s);
-    sc_status st = w->ends && w->at && w->from ? SC_OK : SC_ENOMEM;
+    sc_status st = alloc_groups(w, n, n_windows) ? SC_OK : SC_ENOMEM;
     if (!st) {
         mark_rows(s, w->idx, n, w->n_rows, w->base, w->row_bytes, &touched, w->ends, shift, w0);
         st = sc__prep_reserve(&b, sc__sort_count(s, first, last));
@@ -217,7 +229,7 @@ static sc_status write_rows_sorted(sc_store *s, window_rows *w, uint64_t n, uint
     }
     if (st) {
         sc__prep_finish(&b);
-        free_groups(w);
+        free_groups(w, n);
         return st;
     }
     group_by_window(s, w, n, shift, w0, n_windows);
@@ -235,7 +247,7 @@ static sc_status write_rows_sorted(sc_store *s, window_rows *w, uint64_t n, uint
     sc__prep_finish(&b);
     sc_store_publish(s);
     for (; written < n_windows; written++) write_window(s, w, written);
-    free_groups(w);
+    free_groups(w, n);
     sc__writer_add(&s->pages_written, touched);
     return SC_OK;
 }

@@ -206,6 +206,29 @@ void sc__prep_push(sc_prep *b);
  * passed every page below `scanned_below`): their new bytes may be written. */
 uint64_t sc__prep_ready_below(const sc_prep *b, uint64_t scanned_below);
 
+/* rows.c, rows_windows.c: rows of an array in the store written by index. */
+typedef struct sc_rows {
+    const int64_t *idx;     /* row indices, negative ones counting from the end */
+    int64_t n_rows;
+    uint64_t base, row_bytes;
+    const uint8_t *src;     /* row i's bytes at src + i * src_stride */
+    uint64_t src_stride;
+} sc_rows;
+
+/* A row index from Python's convention (negative counts from the end), already checked. */
+static inline uint64_t sc__row_of(int64_t i, int64_t n_rows) {
+    return i < 0 ? (uint64_t)(i + n_rows) : (uint64_t)i;
+}
+
+static inline void sc__copy_row(uint8_t *dst, const uint8_t *src, uint64_t row_bytes) {
+    if (row_bytes == 8) memcpy(dst, src, 8); /* the common int64/float64 case, inlined */
+    else memcpy(dst, src, row_bytes);
+}
+
+/* n checked rows (n < 2^32) touching pages [first, last], under a live snapshot. */
+sc_status sc__write_rows_sorted(sc_store *s, const sc_rows *rows, uint64_t n, uint64_t first,
+                                uint64_t last);
+
 /* Random page ids miss the cache on every page's stamp and version, one miss after another:
  * a writer walking a list of pages asks for those of a page this many ahead. */
 #define SC_PREFETCH_AHEAD 16

@@ -147,7 +147,10 @@ sc_status sc_store_write_rows(sc_store *s, const int64_t *idx, uint64_t n, uint6
     uint64_t last = (base + (span[1] + 1) * row_bytes - 1) >> s->page_shift;
     if (sc__prep_worth_sorting(s, n, first, last) && n <= UINT32_MAX) {
         sc_rows rows = {idx, (int64_t)n_rows, base, row_bytes, in, src_stride};
-        return sc__write_rows_sorted(s, &rows, n, first, last);
+        st = sc__write_rows_sorted(s, &rows, n, first, last);
+        /* Out of memory changed nothing: the way below needs no grouping arrays, and its
+         * own copies fail the same way if they were what could not be had. */
+        if (st != SC_ENOMEM) return st;
     }
     /* A live snapshot: every page prepared (and its old content preserved) first, so that a
      * failed copy leaves nothing written; then the rows, in order (the last of repeats wins). */
@@ -159,7 +162,7 @@ sc_status sc_store_write_rows(sc_store *s, const int64_t *idx, uint64_t n, uint6
             __builtin_prefetch(rows + sc__row_of(idx[i + SC_PREFETCH_AHEAD], (int64_t)n_rows) * row_bytes,
                                1);
         sc__copy_row(rows + sc__row_of(idx[i], (int64_t)n_rows) * row_bytes, in + i * src_stride,
-                 row_bytes);
+                     row_bytes);
     }
     return SC_OK;
 }

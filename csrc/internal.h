@@ -190,7 +190,7 @@ static inline void sc__sort_mark(sc_store *s, uint64_t p) {
 }
 /* Enough pages, densely enough spread over [first, last], for address order to pay. */
 bool sc__prep_worth_sorting(const sc_store *s, uint64_t n, uint64_t first, uint64_t last);
-uint64_t sc__sort_count(const sc_store *s, uint64_t lo, uint64_t hi);
+uint64_t sc__sort_count_copies(const sc_store *s, uint64_t lo, uint64_t hi);
 void sc__sort_clear(sc_store *s, uint64_t lo, uint64_t hi);
 sc_status sc__prep_marked(sc_prep *b, uint64_t lo, uint64_t hi, uint64_t new_version);
 /* The marked pages of [lo, hi] as one batch: sc__prep_marked, then sc__prep_finish. */
@@ -198,7 +198,8 @@ sc_status sc__prep_sorted(sc_store *s, uint64_t lo, uint64_t hi, uint64_t new_ve
 /* Room for `pages` preserved copies made ahead, so that preparing that many pages cannot
  * fail; SC_ENOMEM changes nothing. */
 sc_status sc__prep_reserve(sc_prep *b, uint64_t pages);
-/* log2 of the pages in an address window that fits one batch (at least a bitmap word). */
+/* log2 of the pages in an address window: one batch's worth (16 MiB), but at least a
+ * bitmap word's 64 pages (several batches at the largest page sizes). */
 uint64_t sc__prep_window_shift(const sc_store *s);
 /* Hands the pages queued so far to be copied, as a full batch would be. */
 void sc__prep_push(sc_prep *b);

@@ -211,9 +211,16 @@ bool sc__prep_worth_sorting(const sc_store *s, uint64_t n, uint64_t first, uint6
     return s->sort_bits && s->newest_snap && n >= 1024 && ((last - first) >> 6) <= 4 * n;
 }
 
-uint64_t sc__sort_count(const sc_store *s, uint64_t lo, uint64_t hi) {
-    uint64_t n = 0;
-    for (uint64_t g = lo >> 6; g <= hi >> 6; g++) n += (uint64_t)__builtin_popcountll(s->sort_bits[g]);
+/* Marked pages not written since the newest snapshot: the most that preparing them can
+ * copy. Not lowered by the preserve floor, which a snapshot may lower meanwhile. */
+uint64_t sc__sort_count_copies(const sc_store *s, uint64_t lo, uint64_t hi) {
+    uint64_t seq = atomic_load_explicit(&s->seq, memory_order_relaxed), n = 0;
+    for (uint64_t g = lo >> 6; g <= hi >> 6; g++) {
+        for (uint64_t w = s->sort_bits[g]; w; w &= w - 1) {
+            uint64_t p = (g << 6) + (uint64_t)__builtin_ctzll(w);
+            n += atomic_load_explicit(&s->stamps[p], memory_order_relaxed) != seq;
+        }
+    }
     return n;
 }
 

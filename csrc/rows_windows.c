@@ -5,7 +5,7 @@
  * A row waits only for the window of its last page: once that window is published (the
  * copier is then on the next one), its rows are written, in their given order. The rows
  * wait in a stable partition by window, so the last of repeats still wins. Grouped by
- * window, the writes land in 16 MiB instead of the whole store: several times fewer TLB
+ * window (16 MiB, or 64 pages if more), the writes land in a window instead of the whole store: several times fewer TLB
  * and DRAM-page misses than writing in the given order. The copies are reserved first:
  * after that nothing can fail, so a failed write leaves nothing written.
  *
@@ -166,7 +166,7 @@ static sc_status prepare_windows(windows *g, sc_prep *b) {
     if (!alloc_windows(g)) return SC_ENOMEM;
     sc__parallel_for((uint64_t)g->parts, g->parts, mark_part, g);
     merge_marks(g);
-    if (sc__prep_reserve(b, sc__sort_count(g->s, g->first, g->last))) {
+    if (sc__prep_reserve(b, sc__sort_count_copies(g->s, g->first, g->last))) {
         sc__sort_clear(g->s, g->first, g->last);
         return SC_ENOMEM;
     }

@@ -819,6 +819,68 @@ static void test_write_rows_sorted_alloc_failures(void) {
 #endif
 }
 
+#ifdef SC_FAULT_INJECTION
+static bool all_zero(const uint64_t *words, uint64_t n) {
+    for (uint64_t i = 0; i < n; i++)
+        if (words[i]) return false;
+    return true;
+}
+#endif
+
+/* The sorted way itself (without write_rows' fallback), each allocation failing in turn:
+ * a failed write leaves bytes, versions and preserved pages as they were and its scratch
+ * bitmaps clear. And a second write under the same snapshot reserves nothing more: its
+ * pages were copied by the first. */
+static void test_write_rows_sorted_direct(void) {
+#ifdef SC_FAULT_INJECTION
+    const uint32_t ps = 4096;
+    const uint64_t size = 40u << 20, base = 4000, row_bytes = 24, n_pages = size / ps;
+    const int64_t n_rows = (int64_t)((size - base) / row_bytes);
+    static int64_t idx[SORTED_ROWS];
+    uint8_t *start = xmalloc(size), *src = xmalloc(SORTED_ROWS * row_bytes);
+    uint64_t *versions = xmalloc(n_pages * sizeof *versions);
+    fill_random(&g_rng, start, size);
+    fill_random(&g_rng, src, SORTED_ROWS * row_bytes);
+    sorted_rows_setup(idx, n_rows, base, row_bytes, 16u << 20);
+    sc_rows rows = {idx, n_rows, base, row_bytes, src, row_bytes};
+    uint64_t first = base / ps, last = n_pages - 1;
+    bool injected = true;
+    long failures = 0;
+    for (long k = 0; k < 1000 && injected; k++) {
+        sc_store *s = NULL;
+        CHECK_ST(sc_store_open(NULL, size, ps, &s), SC_OK);
+        if (!s) break;
+        CHECK_ST(sc_store_write(s, 0, start, size), SC_OK);
+        uint64_t e = 0;
+        CHECK_ST(sc_snapshot_take(s, &e), SC_OK);
+        for (uint64_t p = 0; p < n_pages; p++) versions[p] = sc_store_page_version(s, p);
+        atomic_store(&sc_test_allocs_left, k);
+        sc_status st = sc__write_rows_sorted(s, &rows, SORTED_ROWS, first, last);
+        injected = atomic_exchange(&sc_test_allocs_left, -1) < 0;
+        CHECK(st == SC_OK || (st == SC_ENOMEM && injected));
+        CHECK(all_zero(s->sort_bits, s->n_groups) && all_zero(s->queued, s->n_groups));
+        if (st != SC_OK) {
+            failures++;
+            CHECK(memcmp(sc_store_data(s), start, size) == 0);
+            for (uint64_t p = 0; p < n_pages; p++)
+                CHECK_EQ_U64(sc_store_page_version(s, p), versions[p]);
+            CHECK_EQ_U64(atomic_load(&s->preserved_pages), 0);
+        } else {
+            uint64_t chunks = s->pool.chunks;
+            CHECK_ST(sc__write_rows_sorted(s, &rows, SORTED_ROWS, first, last), SC_OK);
+            CHECK_EQ_U64(s->pool.chunks, chunks);
+        }
+        CHECK_ST(sc_snapshot_release(s, e), SC_OK);
+        sc_store_close(s);
+    }
+    CHECK(!injected);
+    CHECK(failures >= 6); /* groups, counts, marks, batch buffers, pool chunks */
+    free(start);
+    free(src);
+    free(versions);
+#endif
+}
+
 /* Bulk writes and applies of 4 MiB or more take the streaming-store copy (stream_copy.c),
  * and a write preserving several batches copies them on the copier thread
  * (prep_copier.c): same bytes, versions and snapshot behaviour as the ordinary paths,
@@ -2305,6 +2367,7 @@ static const test_case tests[] = {
     {"write_rows", test_write_rows},
     {"write_rows_sorted", test_write_rows_sorted},
     {"write_rows_sorted_alloc_failures", test_write_rows_sorted_alloc_failures},
+    {"write_rows_sorted_direct", test_write_rows_sorted_direct},
     {"write_alloc_failures", test_write_alloc_failures},
     {"checkpoint_staged", test_checkpoint_staged},
     {"checkpoint_under_writer", test_checkpoint_under_writer},

@@ -28,6 +28,13 @@ static sc_status check_rows(const sc_store *s, const int64_t *idx, uint64_t n, u
     return SC_OK;
 }
 
+/* The first and last page of the rows between span[0] and span[1]. */
+static void span_pages(const sc_store *s, uint64_t base, uint64_t row_bytes,
+                       const uint64_t span[2], uint64_t pages[2]) {
+    pages[0] = (base + span[0] * row_bytes) >> s->page_shift;
+    pages[1] = (base + (span[1] + 1) * row_bytes - 1) >> s->page_shift;
+}
+
 /* Marks every page of the rows for sc__prep_marked, counting page writes as the unsorted
  * path does. */
 static void mark_rows(sc_store *s, const int64_t *idx, uint64_t n, int64_t hi, uint64_t base,
@@ -80,12 +87,12 @@ static sc_status touch_rows_in_order(sc_store *s, const int64_t *idx, uint64_t n
 
 static sc_status touch_checked_rows(sc_store *s, const int64_t *idx, uint64_t n, int64_t hi,
                                    uint64_t base, uint64_t row_bytes, const uint64_t span[2]) {
-    uint64_t first = (base + span[0] * row_bytes) >> s->page_shift;
-    uint64_t last = (base + (span[1] + 1) * row_bytes - 1) >> s->page_shift;
-    uint64_t touched = 0;
-    sc_status st = sc__prep_worth_sorting(s, n, first, last)
-                       ? touch_rows_sorted(s, idx, n, hi, base, row_bytes, first, last, &touched)
-                       : touch_rows_in_order(s, idx, n, hi, base, row_bytes, &touched);
+    uint64_t pages[2], touched = 0;
+    span_pages(s, base, row_bytes, span, pages);
+    sc_status st =
+        sc__prep_worth_sorting(s, n, pages[0], pages[1])
+            ? touch_rows_sorted(s, idx, n, hi, base, row_bytes, pages[0], pages[1], &touched)
+            : touch_rows_in_order(s, idx, n, hi, base, row_bytes, &touched);
     if (st) return st;
     sc__writer_add(&s->pages_written, touched);
     sc_store_publish(s);
@@ -143,11 +150,11 @@ sc_status sc_store_write_rows(sc_store *s, const int64_t *idx, uint64_t n, uint6
         write_rows_fused(s, idx, n, (int64_t)n_rows, base, row_bytes, in, src_stride);
         return SC_OK;
     }
-    uint64_t first = (base + span[0] * row_bytes) >> s->page_shift;
-    uint64_t last = (base + (span[1] + 1) * row_bytes - 1) >> s->page_shift;
-    if (sc__prep_worth_sorting(s, n, first, last) && n <= UINT32_MAX) {
+    uint64_t pages[2];
+    span_pages(s, base, row_bytes, span, pages);
+    if (sc__prep_worth_sorting(s, n, pages[0], pages[1]) && n <= UINT32_MAX) {
         sc_rows rows = {idx, (int64_t)n_rows, base, row_bytes, in, src_stride};
-        st = sc__write_rows_sorted(s, &rows, n, first, last);
+        st = sc__write_rows_sorted(s, &rows, n, pages[0], pages[1]);
         /* Out of memory changed nothing: the way below needs no grouping arrays, and its
          * own copies fail the same way if they were what could not be had. */
         if (st != SC_ENOMEM) return st;

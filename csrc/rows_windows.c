@@ -175,6 +175,26 @@ static sc_status prepare_windows(windows *g, sc_prep *b) {
     return SC_OK;
 }
 
+/* Each window's pages prepared and handed to the copier, then the rows of every window
+ * whose pages are all published by now. */
+static void write_windows(windows *g, sc_prep *b) {
+    sc_store *s = g->s;
+    uint64_t e = atomic_load(&s->epoch), written = 0;
+    for (uint64_t w = 0; w < g->n_windows; w++) {
+        uint64_t lo = (g->w0 + w) << g->shift, hi = ((g->w0 + w + 1) << g->shift) - 1;
+        /* Cannot fail: the batch and every copy are reserved. */
+        (void)sc__prep_marked(b, lo > g->first ? lo : g->first, hi < g->last ? hi : g->last, e);
+        sc__prep_push(b);
+        uint64_t ready = sc__prep_ready_below(b, hi + 1);
+        sc_store_publish(s); /* the new stamps before the new bytes, as on every path */
+        for (; written < g->n_windows && (g->w0 + written + 1) << g->shift <= ready; written++)
+            write_window(g, written);
+    }
+    sc__prep_finish(b);
+    sc_store_publish(s);
+    for (; written < g->n_windows; written++) write_window(g, written);
+}
+
 sc_status sc__write_rows_sorted(sc_store *s, const sc_rows *rows, uint64_t n, uint64_t first,
                                 uint64_t last) {
     windows g = {.s = s, .rows = *rows, .n = n, .first = first, .last = last};
@@ -187,24 +207,10 @@ sc_status sc__write_rows_sorted(sc_store *s, const sc_rows *rows, uint64_t n, ui
     sc_status st = prepare_windows(&g, &b);
     if (st) {
         sc__prep_finish(&b);
-        free_windows(&g);
-        return st;
+    } else {
+        write_windows(&g, &b);
+        sc__writer_add(&s->pages_written, g.touched[0] + g.touched[1]);
     }
-    uint64_t e = atomic_load(&s->epoch), written = 0;
-    for (uint64_t w = 0; w < g.n_windows; w++) {
-        uint64_t lo = (g.w0 + w) << g.shift, hi = ((g.w0 + w + 1) << g.shift) - 1;
-        /* Cannot fail: the batch and every copy are reserved. */
-        (void)sc__prep_marked(&b, lo > first ? lo : first, hi < last ? hi : last, e);
-        sc__prep_push(&b);
-        uint64_t ready = sc__prep_ready_below(&b, hi + 1);
-        sc_store_publish(s); /* the new stamps before the new bytes, as on every path */
-        for (; written < g.n_windows && (g.w0 + written + 1) << g.shift <= ready; written++)
-            write_window(&g, written);
-    }
-    sc__prep_finish(&b);
-    sc_store_publish(s);
-    for (; written < g.n_windows; written++) write_window(&g, written);
-    sc__writer_add(&s->pages_written, g.touched[0] + g.touched[1]);
     free_windows(&g);
-    return SC_OK;
+    return st;
 }

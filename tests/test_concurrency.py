@@ -67,8 +67,17 @@ def writer(store: sc.Store, shared: Shared, n_pages: int, hot: int, seed: int) -
         while time.monotonic() < deadline:
             k = rng.randint(1, 4)
             pages = np.array(rng.sample(range(hot), k), dtype=np.int64)
-            path = rng.randrange(5)
-            if path == 3:
+            path = rng.randrange(6)
+            if path == 5:
+                # 1024+ rows at once (the core's sorted way, rows written per window):
+                # earlier repeats carry the old fill, each page's last one the new
+                head = np.array(rng.choices(range(hot), k=1100), dtype=np.int64)
+                tail = np.array(rng.sample(range(hot), hot), dtype=np.int64)
+                stale = fills(head, counters[head])
+                counters[tail] += 1
+                rows[np.concatenate([head, tail])] = np.concatenate(
+                    [stale, fills(tail, counters[tail])])
+            elif path == 3:
                 # add_at keeps a fill a fill: every word of the page gets the same delta
                 delta = rng.randint(1, 3)
                 counters[pages] += delta

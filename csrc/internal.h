@@ -226,6 +226,19 @@ static inline void sc__copy_row(uint8_t *dst, const uint8_t *src, uint64_t row_b
     else memcpy(dst, src, row_bytes);
 }
 
+/* Marks pages [first, last] of one row in bits (whose word 0 is page word `word0`),
+ * skipping the page the previous row ended on, as the unsorted path counts page writes;
+ * counts the pages marked. */
+static inline void sc__mark_row(uint64_t *bits, uint64_t word0, uint64_t first, uint64_t last,
+                                uint64_t *last_page, uint64_t *touched) {
+    for (uint64_t p = first; p <= last; p++) {
+        if (p == *last_page) continue;
+        bits[(p >> 6) - word0] |= 1ull << (p & 63);
+        *last_page = p;
+        (*touched)++;
+    }
+}
+
 /* n checked rows (n < 2^32) touching pages [first, last], under a live snapshot. */
 sc_status sc__write_rows_sorted(sc_store *s, const sc_rows *rows, uint64_t n, uint64_t first,
                                 uint64_t last);

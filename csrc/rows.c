@@ -42,13 +42,8 @@ static void mark_rows(sc_store *s, const int64_t *idx, uint64_t n, int64_t hi, u
     uint64_t last_page = UINT64_MAX;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t start = base + sc__row_of(idx[i], hi) * row_bytes;
-        uint64_t first = start >> s->page_shift, last = (start + row_bytes - 1) >> s->page_shift;
-        for (uint64_t p = first; p <= last; p++) {
-            if (p == last_page) continue;
-            sc__sort_mark(s, p);
-            last_page = p;
-            (*touched)++;
-        }
+        sc__mark_row(s->sort_bits, 0, start >> s->page_shift,
+                     (start + row_bytes - 1) >> s->page_shift, &last_page, touched);
     }
 }
 

@@ -60,13 +60,8 @@ static int mark_part(void *ctx, uint64_t k0, uint64_t k1) {
         uint64_t last_page = begin ? last_page_of(g, begin - 1) : UINT64_MAX;
         for (uint64_t i = begin; i < end; i++) {
             uint64_t start = row_start(g, i), page_shift = g->s->page_shift;
-            uint64_t first = start >> page_shift, last = (start + g->rows.row_bytes - 1) >> page_shift;
-            for (uint64_t p = first; p <= last; p++) {
-                if (p == last_page) continue;
-                bits[(p >> 6) - word0] |= 1ull << (p & 63);
-                last_page = p;
-                touched++;
-            }
+            uint64_t last = (start + g->rows.row_bytes - 1) >> page_shift;
+            sc__mark_row(bits, word0, start >> page_shift, last, &last_page, &touched);
             count[(last >> g->shift) - g->w0]++;
         }
         g->touched[k] = touched;
@@ -81,7 +76,8 @@ static int group_part(void *ctx, uint64_t k0, uint64_t k1) {
         uint64_t *next = g->count[k];
         for (uint64_t i = part_begin(g, (int)k); i < part_begin(g, (int)k + 1); i++) {
             uint64_t start = row_start(g, i);
-            uint64_t j = next[(((start + g->rows.row_bytes - 1) >> g->s->page_shift) >> g->shift) - g->w0]++;
+            uint64_t last = (start + g->rows.row_bytes - 1) >> g->s->page_shift;
+            uint64_t j = next[(last >> g->shift) - g->w0]++;
             g->at[j] = start;
             g->from[j] = (uint32_t)i;
         }

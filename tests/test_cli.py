@@ -1,9 +1,13 @@
 """The `statecore` command: mistakes and damaged input end in one line and a nonzero exit,
 nothing is created on disk before the arguments and the directory are checked, and a
-follower that stops for good ends `statecore follow`."""
+follower that stops for good ends `statecore follow`, which says why once."""
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
+import struct
 import subprocess
 import sys
 
@@ -11,6 +15,7 @@ import pytest
 
 import statecore as sc
 from statecore import cli, errors
+from statecore._args import MAX_PAGES
 from statecore.progress import parse_size
 from statecore.recovery import RecoveryReport
 
@@ -47,13 +52,15 @@ def listing(path) -> list:
 
 # ---- 1: errors are one line; bugs keep their traceback ---------------------------------------
 
-@pytest.mark.parametrize("head", [b"SCSTORE1\x01\x00", b"SCCKPT01\x01", b"SCDELTA1"])
-def test_info_on_a_truncated_header_is_a_one_line_error(capsys, tmp_path, head):
+@pytest.mark.parametrize("head,why", [(b"SCSTORE1\x01\x00", "store file header truncated"),
+                                      (b"SCCKPT01\x01", "checkpoint truncated"),
+                                      (b"SCDELTA1", "delta truncated")])
+def test_info_on_a_truncated_header_is_a_one_line_error(capsys, tmp_path, head, why):
     path = tmp_path / "t.sc"
     path.write_bytes(head)
     code, out, err = run(capsys, "info", str(path))
     assert code == 1 and out == ""
-    assert "header truncated" in one_line_error(err)
+    assert f"{str(path)!r}: {why}" in one_line_error(err)
 
 
 @pytest.mark.parametrize("exc", [errors.CorruptData("bad\nbytes"), ValueError("bad value"),
@@ -129,7 +136,54 @@ def test_follow_exits_1_once_the_follower_failed(tmp_path, extra, why):
         primary.close()
         store.close()
     assert proc.returncode == 1, proc.stderr
-    assert why in one_line_error(proc.stderr) and "follower stopped" in proc.stderr
+    # Said once: the command's error line, not also the library's warning of it.
+    assert proc.stderr.splitlines() == [one_line_error(proc.stderr)], proc.stderr
+    assert why in proc.stderr
+    assert f"follower of 127.0.0.1:{primary.address[1]} stopped" in proc.stderr
+
+
+@pytest.fixture
+def primary_port():
+    store = sc.Store(size=SIZE)
+    primary = sc.Primary(store, secret="right")
+    yield primary.address[1]
+    primary.close()
+    store.close()
+
+
+def _follower_stopped_records(caplog) -> list:
+    from statecore.replication import FOLLOWER_STOPPED
+    return [r for r in caplog.records if getattr(r, FOLLOWER_STOPPED, False)]
+
+
+def test_follow_leaves_out_only_the_record_it_reports(capsys, caplog, tmp_path, primary_port):
+    library_log = logging.getLogger("statecore")
+    filters = list(library_log.filters)
+    code, _, err = run(capsys, "follow", str(tmp_path / "f"), f"127.0.0.1:{primary_port}",
+                       "--size", str(SIZE), "--secret", "wrong", "--interval", "0.1")
+    assert code == 1 and "authentication" in one_line_error(err)
+    assert _follower_stopped_records(caplog) == []
+    # Once the command is done, a library user in the same process sees the warning again.
+    assert library_log.filters == filters
+    with sc.Store(size=SIZE) as store, \
+            sc.Follower(store, ("127.0.0.1", primary_port), secret="wrong") as follower:
+        with pytest.raises((sc.PeerError, sc.AuthenticationError), match="authentication"):
+            follower.wait_for(1, timeout=30)
+    assert len(_follower_stopped_records(caplog)) == 1
+
+
+def test_follow_keeps_the_traceback_of_a_bug(capsys, caplog, monkeypatch, tmp_path,
+                                            primary_port):
+    from statecore.replication import Follower
+
+    def session(self):
+        raise RuntimeError("a bug in the follower")
+    monkeypatch.setattr(Follower, "_session", session)
+    code, _, err = run(capsys, "follow", str(tmp_path / "f"), f"127.0.0.1:{primary_port}",
+                       "--size", str(SIZE), "--interval", "0.1")
+    assert code == 1 and "a bug in the follower" in one_line_error(err)
+    [record] = _follower_stopped_records(caplog)
+    assert record.exc_info is not None
 
 
 # ---- 4: nothing is created for a directory that holds no store --------------------------------
@@ -203,13 +257,35 @@ def test_a_size_that_does_not_match_the_store_names_the_flags(capsys, tmp_path):
     assert code == 1 and "--size and --page-size must match the store" in line
 
 
-@pytest.mark.parametrize("argv,why", [(["--size", "4000"], "--size must be a multiple"),
-                                      (["--size", "64K", "--page-size", "3000"],
-                                       "--page-size must be a power of two")])
+@pytest.mark.parametrize("argv,why", [
+    (["--size", "4000"], "--size must be a positive multiple of the page size (4096) in "
+                         "[4096, 17592186040320] (4294967295 pages, 16.0 TiB), got 4000"),
+    (["--size", "64K", "--page-size", "3000"],
+     "--page-size must be a power of two from 512 to 1048576, got 3000")])
 def test_store_geometry_is_checked_in_flag_terms(capsys, tmp_path, argv, why):
     code, _, err = run(capsys, "follow", str(tmp_path / "fx"), "127.0.0.1:9", *argv)
     assert code == 1 and why in one_line_error(err)
     assert not (tmp_path / "fx").exists()
+
+
+@pytest.mark.parametrize("size,page_size", [(4000, 4096), (SIZE, 3000), (SIZE, 256),
+                                            (SIZE, 1 << 21), ((MAX_PAGES + 1) * 512, 512)])
+def test_store_geometry_has_one_check(capsys, tmp_path, size, page_size):
+    """The Python API, the manifest and the command refuse the same geometries with the
+    same words, the command in its flags' names."""
+    from statecore.manifest import Manifest
+    with pytest.raises(ValueError) as refused:
+        sc.Store(size=size, page_size=page_size)
+    library = str(refused.value)
+    manifest = Manifest(size=size, page_size=page_size, uuid="ab" * 16, segments=[0])
+    with pytest.raises(sc.CorruptData, match="manifest fields invalid") as corrupt:
+        Manifest.decode(manifest.encode())
+    assert library in str(corrupt.value)
+    code, _, err = run(capsys, "follow", str(tmp_path / "fx"), "127.0.0.1:9",
+                       "--size", str(size), "--page-size", str(page_size))
+    flags = re.sub(r"^(page_)?size", lambda m: "--page-size" if m[1] else "--size", library)
+    assert code == 1 and flags.replace("of page_size (", "of the page size (") in \
+        one_line_error(err)
 
 
 # ---- 6: sizes ---------------------------------------------------------------------------------
@@ -270,6 +346,63 @@ def test_info_on_a_device_is_an_error(capsys, device):
         pytest.skip(f"no {device}")
     code, _, err = run(capsys, "info", device)
     assert code == 1 and "not a regular file" in one_line_error(err)
+
+
+def _delta_file(tmp_path, compression: str):
+    with sc.Store(size=SIZE) as store:
+        store.write(0, b"one")
+        with store.snapshot() as first:
+            store.write(3 * 4096, b"two")
+            delta = store.delta(since=first)
+            path = tmp_path / f"{compression}.delta"
+            path.write_bytes(delta.encode(compression))
+            return path, delta
+
+
+def test_info_reads_checkpoint_and_delta_headers_through_the_core(capsys, tmp_path):
+    ds = tmp_path / "ds"
+    make_store(ds)
+    with sc.DurableStore(str(ds)) as store:
+        epoch = store.checkpoint().result()
+    ckpt = ds / f"ckpt-{epoch:020d}.sc"
+    code, out, _ = run(capsys, "info", str(ckpt), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["kind"] == "checkpoint" and info["epoch"] == epoch
+    assert (info["size"], info["page_size"], info["file_bytes"]) == \
+        (SIZE, 4096, ckpt.stat().st_size)
+    for compression in ("none", "lz4"):
+        path, delta = _delta_file(tmp_path, compression)
+        code, out, _ = run(capsys, "info", str(path), "--json")
+        info = json.loads(out)
+        assert code == 0 and info["kind"] == "delta" and info["compression"] == compression
+        assert (info["base_epoch"], info["epoch"], info["pages"], info["store_uuid"]) == \
+            (delta.base_epoch, delta.target_epoch, delta.n_pages, delta.store_uuid.hex())
+        assert info["file_bytes"] == path.stat().st_size
+
+
+@pytest.mark.parametrize("offset,why", [(30, "header checksum mismatch"),
+                                        (-1, "structure invalid")])
+def test_info_on_a_damaged_delta_names_the_file(capsys, tmp_path, offset, why):
+    path, _ = _delta_file(tmp_path, "none")
+    data = bytearray(path.read_bytes())
+    if offset < 0:
+        del data[offset:]  # a payload cut short
+    else:
+        data[offset] ^= 1
+    path.write_bytes(data)
+    code, out, err = run(capsys, "info", str(path))
+    assert code == 1 and out == ""
+    assert f"{str(path)!r}: delta {why}" in one_line_error(err)
+
+
+def test_info_on_a_newer_format_says_so(capsys, tmp_path):
+    path, _ = _delta_file(tmp_path, "none")
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<H", data, 8, 99)  # format_version, then a valid header checksum
+    struct.pack_into("<Q", data, 120, sc.page_checksum(bytes(data[:120])))
+    path.write_bytes(data)
+    code, _, err = run(capsys, "info", str(path))
+    assert code == 1 and "format version is newer" in one_line_error(err)
 
 
 def test_info_on_a_directory_that_holds_no_store(capsys, tmp_path):

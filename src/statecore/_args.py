@@ -1,11 +1,14 @@
-"""Argument checking shared by the Python API: every message names the argument and the
-allowed range, and nothing is touched before the checks pass."""
+"""Argument checking shared by the Python API, the manifest's field checks and the CLI:
+every message names the argument and the allowed range, and nothing is touched before the
+checks pass."""
 from __future__ import annotations
 
 import operator
 from typing import Any
 
 import numpy as np
+
+from .progress import human_bytes
 
 MIN_PAGE_SIZE = 512
 MAX_PAGE_SIZE = 1 << 20
@@ -25,20 +28,25 @@ def as_int(name: str, value: Any) -> int:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
 
 
-def check_page_size(page_size: Any) -> int:
-    ps = as_int("page_size", page_size)
+def check_page_size(page_size: Any, name: str = "page_size") -> int:
+    """The one check of a page size (the Python API, the manifest and the CLI use it);
+    `name` is what the caller calls it (the CLI: "--page-size")."""
+    ps = as_int(name, page_size)
     if ps < MIN_PAGE_SIZE or ps > MAX_PAGE_SIZE or ps & (ps - 1):
         raise ValueError(
-            f"page_size must be a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}, got {ps}")
+            f"{name} must be a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}, got {ps}")
     return ps
 
 
-def check_size(size: Any, page_size: int) -> int:
-    n = as_int("size", size)
+def check_size(size: Any, page_size: int, name: str = "size",
+               page_size_name: str = "page_size") -> int:
+    """The one check of a store's size for a page size that passed check_page_size."""
+    n = as_int(name, size)
     top = MAX_PAGES * page_size
     if n <= 0 or n % page_size or n > top:
-        raise ValueError(f"size must be a positive multiple of page_size ({page_size}) in "
-                         f"[{page_size}, {top}] ({MAX_PAGES} pages), got {n}")
+        raise ValueError(f"{name} must be a positive multiple of {page_size_name} ({page_size}) "
+                         f"in [{page_size}, {top}] ({MAX_PAGES} pages, {human_bytes(top)}), "
+                         f"got {n}")
     return n
 
 

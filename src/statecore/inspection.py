@@ -9,24 +9,42 @@ from typing import Any, Callable, Dict, List, Optional
 
 from . import _core, errors
 from ._args import DEFAULT_PAGE_SIZE
-from .checkpoint import read_checkpoint
+from .checkpoint import open_readonly_mmap, read_checkpoint
+from .delta import COMPRESSIONS
 from .journal import read_segment
 from .manifest import NAME as MANIFEST_NAME
 from .manifest import checkpoint_name, read_manifest, scan_directory
 from .journal import segment_name
 
-_HEADER = struct.Struct("<8sHHHHII QQQQQQ 16s Q")
-_STORE_HEADER = struct.Struct("<8sIIQQQ")  # the start of sc_file_header (csrc/internal.h)
+# The start of sc_file_header (csrc/internal.h): _core has no reader of a store file's
+# header short of opening the store, which takes its lock and may write to it.
+_STORE_HEADER = struct.Struct("<8sIIQQQ")
+_DELTA_KINDS = {b"SCCKPT01": ("checkpoint", _core.KIND_CHECKPOINT, errors.CorruptCheckpoint),
+                b"SCDELTA1": ("delta", _core.KIND_DELTA, errors.CorruptDelta)}
+_COMPRESSION_NAMES = {code: name for name, code in COMPRESSIONS.items()}
 
 
-def _delta_header(head: bytes) -> Dict[str, Any]:
-    (magic, version, kind, compression, _, page_size, _, store_pages, base, target, n_pages,
-     schema, payload, uuid, _) = _HEADER.unpack_from(head)
-    return {"format_version": version, "page_size": page_size,
-            "size": store_pages * page_size, "base_epoch": base, "epoch": target,
-            "pages": n_pages, "schema_version": schema, "payload_bytes": payload,
-            "compression": {0: "none", 1: "lz4"}.get(compression, compression),
-            "store_uuid": uuid.hex()}
+def _describe_delta(path: str, magic: bytes) -> Dict[str, Any]:
+    """A checkpoint's or delta file's header, as the core's parser reads and checks it
+    (header and index; the pages are `statecore verify`'s work)."""
+    kind, code, corrupt = _DELTA_KINDS[magic]
+    try:
+        # The view holds the mapping open; both go when this function returns.
+        view = _core.parse(open_readonly_mmap(path), code, False, corrupt)
+    except errors.UnsupportedFormat:
+        raise errors.UnsupportedFormat(
+            f"{path!r}: {kind} format version is newer than this statecore reads (version "
+            f"{_core.FORMAT_VERSION})") from None
+    except errors.StateError as e:
+        raise type(e)(f"{path!r}: {e}") from None
+    return {"kind": kind, "file_bytes": view.total_bytes,
+            "format_version": view.format_version, "page_size": view.page_size,
+            "size": view.store_pages * view.page_size, "base_epoch": view.base_epoch,
+            "epoch": view.target_epoch, "pages": view.n_pages,
+            "schema_version": view.schema_version,
+            "payload_bytes": view.total_bytes - view.payload_offset,
+            "compression": _COMPRESSION_NAMES.get(view.compression, view.compression),
+            "store_uuid": view.store_uuid.hex()}
 
 
 def describe(path: str) -> Dict[str, Any]:
@@ -39,13 +57,11 @@ def describe(path: str) -> Dict[str, Any]:
         # A device or FIFO has no size to check and may never end (or block on read).
         raise errors.CorruptData(f"{path!r} is not a regular file or directory")
     with open(path, "rb") as f:
-        head = f.read(_core.HEADER_SIZE)
+        head = f.read(_STORE_HEADER.size)
     size = os.path.getsize(path)
     magic = head[:8]
-    if magic in (b"SCCKPT01", b"SCDELTA1"):
-        kind = "checkpoint" if magic == b"SCCKPT01" else "delta"
-        _check_header(path, kind, head, _core.HEADER_SIZE)
-        return {"kind": kind, "file_bytes": size, **_delta_header(head)}
+    if magic in _DELTA_KINDS:
+        return _describe_delta(path, magic)
     if magic == b"SCSTORE1":
         _check_header(path, "store file", head, _STORE_HEADER.size)
         _, version, page_size, store_size, epoch, schema = _STORE_HEADER.unpack_from(head)

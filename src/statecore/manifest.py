@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List
 
 from . import _core, errors
+from ._args import check_page_size, check_size
 from .checkpoint import fsync_directory
 
 MAGIC = b"SCMANIF1"
@@ -73,9 +74,10 @@ class Manifest:
         written, not that a writer wrote sense), or ""."""
         if not all(_is_uint(v) for v in (self.size, self.page_size, self.schema_version)):
             return "size, page_size and schema_version must be non-negative integers"
-        ps = self.page_size
-        if not (512 <= ps <= 1 << 20 and ps & (ps - 1) == 0) or not self.size or self.size % ps:
-            return f"size {self.size} / page_size {ps} is not a store's geometry"
+        try:
+            check_size(self.size, check_page_size(self.page_size))
+        except ValueError as e:
+            return f"not a store's geometry: {e}"
         if not isinstance(self.uuid, str) or not re.fullmatch(r"[0-9a-f]{32}", self.uuid):
             return "uuid must be 32 hex digits"
         for name in ("checkpoints", "segments"):

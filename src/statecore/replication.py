@@ -47,6 +47,10 @@ from .transfer import (PartApplier, PartBuilder, clear_resume_marker, part_pages
                        resume_marker, split)
 
 log = logging.getLogger("statecore")
+# An attribute (True) of the record a Follower logs when it stops for good, for a caller
+# that reports the failure itself (the `statecore follow` command) to filter that record
+# out instead of showing the failure twice.
+FOLLOWER_STOPPED = "statecore_follower_stopped"
 
 PING_INTERVAL = 1.0
 HANDSHAKE_TIMEOUT = 10.0
@@ -582,7 +586,7 @@ class Follower:
 
     def _fail(self, e: BaseException, unexpected: bool = False) -> None:
         log.warning("statecore: follower of %s:%d stopped: %s", *self.address, e,
-                    exc_info=e if unexpected else None)
+                    exc_info=e if unexpected else None, extra={FOLLOWER_STOPPED: True})
         with self._cond:
             self.error = _kept(e)
             self.state = "failed"

@@ -6,10 +6,13 @@ same run, as a markdown table.
     python bench/report.py --scale full     # the issues' sizes: a few minutes, < 14 GiB
     python bench/report.py --only replay    # rows whose case keys or labels match
     python bench/report.py --repeat 3       # three passes, best of all rounds (noisy box)
+    python bench/report.py --interleave     # each row's two cases alive together, their
+                                            # rounds alternating (drift hits both alike)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -34,6 +37,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
                     help="run the whole set N times, pooling rounds (best of all): a burst "
                          "of load from other processes then spoils one pass, not a row")
+    ap.add_argument("--interleave", action="store_true",
+                    help="per row, set up both cases at once and alternate their rounds, so "
+                         "that a slow minute of the host slows statecore and its baseline "
+                         "alike (a case in several rows is measured once per row, pooled)")
     ap.add_argument("--json", metavar="PATH", help="also write the raw figures here")
     ap.add_argument("--enforce", action="store_true",
                     help="exit 1 when a ratio misses its target")
@@ -47,20 +54,28 @@ def main(argv=None) -> int:
     info_before = workloads.machine_info()
     results = {}
     t_start = time.perf_counter()
+    groups = ([tuple(dict.fromkeys(r.keys())) for r in rows] if args.interleave
+              else [(k,) for k in keys])
     for rep in range(max(1, args.repeat)):
-        for i, key in enumerate(keys, 1):
+        measured_in_pass = set()
+        for i, group in enumerate(groups, 1):
+            if measured_in_pass.issuperset(group):
+                continue  # e.g. a memory case that two rows read
+            measured_in_pass.update(group)
             t0 = time.perf_counter()
-            print(f"[{rep + 1}:{i}/{len(keys)}] {key} ...", end=" ", file=sys.stderr,
-                  flush=True)
-            with workloads.CASES[key](scale) as case:
-                times = workloads.run_rounds(case)
-                metrics = dict(case.metrics)
-            if key in results:
-                results[key].times.extend(times)
-            else:
-                results[key] = workloads.Result(times=times, metrics=metrics)
-            print(f"best {workloads.human_seconds(min(times))} "
-                  f"({len(times)} rounds, {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+            print(f"[{rep + 1}:{i}/{len(groups)}] {' + '.join(group)} ...", end=" ",
+                  file=sys.stderr, flush=True)
+            with contextlib.ExitStack() as stack:
+                cases = [stack.enter_context(workloads.CASES[k](scale)) for k in group]
+                measured = workloads.run_interleaved(cases)
+                for key, case, times in zip(group, cases, measured):
+                    if key in results:
+                        results[key].times.extend(times)
+                    else:
+                        results[key] = workloads.Result(times=times, metrics=dict(case.metrics))
+            bests = ", ".join(workloads.human_seconds(min(t)) for t in measured)
+            print(f"best {bests} ({sum(map(len, measured))} rounds, "
+                  f"{time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     elapsed = time.perf_counter() - t_start
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -212,19 +212,29 @@ def rounds(scale: Scale, n: int) -> int:
     return max(1, int(round(n * scale.rounds)))
 
 
-def run_rounds(c: Case) -> List[float]:
-    """What pytest-benchmark's pedantic mode does, with perf_counter."""
-    times = []
-    for i in range(c.warmup + c.rounds):
-        args = c.setup() if c.setup else ()
-        t0 = time.perf_counter()
-        c.run(*args)
-        dt = time.perf_counter() - t0
-        if c.teardown:
-            c.teardown(*args)
-        del args  # before the next setup: big inputs (deltas) must not pile up
-        if i >= c.warmup:
-            times.append(dt)
+def _one_round(c: Case) -> float:
+    args = c.setup() if c.setup else ()
+    t0 = time.perf_counter()
+    c.run(*args)
+    dt = time.perf_counter() - t0
+    if c.teardown:
+        c.teardown(*args)
+    return dt  # args go here, before the next setup: big inputs (deltas) must not pile up
+
+
+def run_interleaved(cases: List[Case]) -> List[List[float]]:
+    """What pytest-benchmark's pedantic mode does, with perf_counter, for one case or
+    several side by side: each case's warm-up rounds, then one timed round of each case in turn until every
+    case has its rounds: a slow stretch of a shared host then spoils a round of each case
+    alike instead of all the rounds of one."""
+    for c in cases:
+        for _ in range(c.warmup):
+            _one_round(c)
+    times: List[List[float]] = [[] for _ in cases]
+    for i in range(max(c.rounds for c in cases)):
+        for c, t in zip(cases, times):
+            if i < c.rounds:
+                t.append(_one_round(c))
     return times
 
 

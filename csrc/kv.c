@@ -171,7 +171,11 @@ int sc_kv_open(sc_store *s, uint64_t base, uint64_t len, uint64_t snap_epoch,
     return SC_OK;
 }
 
-void sc_kv_close(sc_kv *kv) { free(kv); }
+void sc_kv_close(sc_kv *kv) {
+    if (!kv) return;
+    kv__journal_free(kv);
+    free(kv);
+}
 
 int sc_kv_recorded_size(sc_store *s, uint64_t base, uint64_t snap_epoch, uint64_t *len) {
     *len = 0;
@@ -252,7 +256,12 @@ int sc_kv_create(sc_kv *kv) {
     for (uint64_t i = 0; i < kv->len / ps; i++)
         if (sc_store_page_version(kv->s, first + i) && !page_is_zero(kv->data + i * ps, ps))
             return SC_KV_NOT_EMPTY;
-    return init_map(kv, false);
+    /* Taken away again only now that the region is known to be all zero: the pages it
+     * zeroes may hold data that is not a map's. A header half made would make the region
+     * refuse writes. */
+    int st = init_map(kv, false);
+    if (st != SC_OK) kv__uncreate(kv);
+    return st;
 }
 
 /* A writer-side call that created the map and then failed leaves the region as it found
@@ -276,9 +285,12 @@ int sc_kv_clear(sc_kv *kv) {
     uint64_t keep = kv->capacity;
     /* The table is sized as it was first created. */
     kv->capacity = ((uint64_t)1 << h->b0_log2) * KV_SLOTS * KV_LOAD_NUM / KV_LOAD_DEN;
+    /* Without a journal, a failure after the header is rewritten would leave a region
+     * with data and no map, which refuses every write. */
+    kv__write_begin(kv, present, false);
     int st = init_map(kv, true);
     kv->capacity = keep;
-    return st;
+    return kv__write_end(kv, present, st);
 }
 
 /* The live header for a writer-side call; creates the map on first use. Not yet touched:
@@ -290,13 +302,7 @@ int kv__writable_header(sc_kv *kv, kv_header **out) {
     int present;
     const kv_header *h;
     KV_TRY(kv__header(kv, &h, &present));
-    if (!present) {
-        int st = sc_kv_create(kv);
-        if (st != SC_OK) {
-            kv__uncreate(kv); /* a header half made would make the region refuse writes */
-            return st;
-        }
-    }
+    if (!present) KV_TRY(sc_kv_create(kv));
     *out = (kv_header *)kv->data;
     return SC_OK;
 }
@@ -432,6 +438,9 @@ int sc_kv_get(sc_kv *kv, const void *key, uint64_t klen, uint64_t *val_off, uint
 
 /* ---- growth ------------------------------------------------------------------------------------ */
 #define SPLIT_STACK 64u  /* entries gathered on the stack; longer chains use the heap */
+/* split_one did not start, and nothing changed: no room for the level's next segment (or
+ * no level left), or no memory to gather a long chain in. The table grows later. */
+#define SPLIT_LATER (-1)
 
 /* Lay out n entries over the chain first, ovf[0..n_ovf): full buckets, then the rest. */
 static int write_chain(sc_kv *kv, uint64_t first, const uint64_t *ovf, uint64_t n_ovf,
@@ -452,104 +461,132 @@ static int write_chain(sc_kv *kv, uint64_t first, const uint64_t *ovf, uint64_t 
 
 static uint64_t overflow_needed(uint64_t n) { return n <= KV_SLOTS ? 0 : (n - 1) / KV_SLOTS; }
 
-/* Split bucket `split` into itself and split + 2^(b0+level). The entries' stored hashes
- * decide; no record is read. The two chains never need more overflow buckets than the
- * one chain had, so a split allocates nothing but, once per level, the next segment. */
-static int split_one(sc_kv *kv, kv_header *h) {
-    unsigned bits = h->b0_log2 + h->level;
-    if (bits >= KV_MAX_BITS) return SC_KV_FULL;
-    KV_TRY(kv__touch_header(kv));
-    uint64_t m = (uint64_t)1 << bits, s = h->split;
-    unsigned seg = h->level + 1;
-    if (!h->segments[seg]) {
-        if (s) return SC_ECORRUPT;
-        uint64_t blk;
-        KV_TRY(kv__alloc(kv, h, KV_BLOCK_HEAD + KV_BUCKET_BYTES - 16 + m * KV_BUCKET_BYTES,
-                         KV_KIND_SEGMENT, &blk));
-        h->segments[seg] = blk;
-    }
-    uint64_t s_off, t_off;
-    KV_TRY(kv__bucket_offset(kv, h, s, &s_off));
-    KV_TRY(kv__bucket_offset(kv, h, s + m, &t_off));
-
+/* The entries and overflow buckets of the chain being split, gathered before anything
+ * changes. */
+typedef struct chain {
+    kv_slot *e;
+    uint64_t *ovf;
+    uint64_t n, n_ovf, cap_e, cap_o;
     kv_slot stack_e[SPLIT_STACK];
     uint64_t stack_o[SPLIT_STACK / KV_SLOTS + 1];
-    kv_slot *e = stack_e;
-    uint64_t *ovf = stack_o, cap_e = SPLIT_STACK, cap_o = SPLIT_STACK / KV_SLOTS + 1;
-    uint64_t n = 0, n_ovf = 0, limit = chain_limit(kv);
-    int st = SC_OK;
-    for (uint64_t off = s_off, steps = 0; off; steps++) {
+} chain;
+
+static void chain_free(chain *c) {
+    if (c->e != c->stack_e) free(c->e);
+    if (c->ovf != c->stack_o) free(c->ovf);
+}
+
+/* Room for one more bucket of the chain. */
+static int chain_reserve(chain *c) {
+    if (c->n + KV_SLOTS <= c->cap_e && c->n_ovf + 1 <= c->cap_o) return SC_OK;
+    uint64_t ne = c->cap_e * 4, no = c->cap_o * 4;
+    kv_slot *e = sc__alloc_fails() ? NULL : malloc(ne * sizeof *e);
+    uint64_t *ovf = sc__alloc_fails() ? NULL : malloc(no * sizeof *ovf);
+    if (!e || !ovf) {
+        free(e);
+        free(ovf);
+        return SC_ENOMEM;
+    }
+    memcpy(e, c->e, c->n * sizeof *e);
+    memcpy(ovf, c->ovf, c->n_ovf * sizeof *ovf);
+    chain_free(c);
+    c->e = e, c->ovf = ovf, c->cap_e = ne, c->cap_o = no;
+    return SC_OK;
+}
+
+/* Chain s (starting at off) of a table of m buckets being split. */
+static int gather_chain(const sc_kv *kv, const kv_header *h, uint64_t off, uint64_t m,
+                        uint64_t s, chain *c) {
+    c->e = c->stack_e, c->ovf = c->stack_o, c->n = c->n_ovf = 0;
+    c->cap_e = SPLIT_STACK, c->cap_o = SPLIT_STACK / KV_SLOTS + 1;
+    uint64_t limit = chain_limit(kv);
+    for (uint64_t steps = 0; off; steps++) {
         kv_bucket tmp;
+        int st = SC_OK;
         const kv_bucket *bk = read_bucket(kv, off, &tmp, &st);
-        if (!bk || steps > limit) {
-            st = bk ? SC_ECORRUPT : st;
-            goto out;
-        }
-        if (n + KV_SLOTS > cap_e || n_ovf + 1 > cap_o) {
-            uint64_t ne = cap_e * 4, no = cap_o * 4;
-            kv_slot *e2 = malloc(ne * sizeof *e2);
-            uint64_t *o2 = malloc(no * sizeof *o2);
-            if (!e2 || !o2) {
-                free(e2);
-                free(o2);
-                st = SC_ENOMEM;
-                goto out;
-            }
-            memcpy(e2, e, n * sizeof *e);
-            memcpy(o2, ovf, n_ovf * sizeof *ovf);
-            if (e != stack_e) free(e);
-            if (ovf != stack_o) free(ovf);
-            e = e2, ovf = o2, cap_e = ne, cap_o = no;
-        }
+        if (!bk) return st;
+        if (steps > limit) return SC_ECORRUPT;
+        KV_TRY(chain_reserve(c));
         for (uint32_t i = 0; i < bk->count; i++) {
-            if ((bk->slot[i].hash & (m - 1)) != s) { st = SC_ECORRUPT; goto out; }
-            e[n++] = bk->slot[i];
+            if ((bk->slot[i].hash & (m - 1)) != s) return SC_ECORRUPT;
+            c->e[c->n++] = bk->slot[i];
         }
         uint64_t next = bk->next;
         if (next) {
-            if ((st = kv__overflow(kv, h, next)) != SC_OK) goto out;
-            ovf[n_ovf++] = next;
+            KV_TRY(kv__overflow(kv, h, next));
+            c->ovf[c->n_ovf++] = next;
         }
         off = next;
     }
+    return SC_OK;
+}
+
+/* The split proper, chain `split` gathered: bucket split + m (in the next level's
+ * segment, reserved at the level's first split) takes the entries whose hash has bit m.
+ * The two chains never need more overflow buckets than the one chain had. */
+static int move_half(sc_kv *kv, kv_header *h, chain *c, uint64_t m, uint64_t s_off) {
+    uint64_t s = h->split, t_off;
+    unsigned seg = h->level + 1;
+    KV_TRY(kv__touch_header(kv));
+    if (!h->segments[seg]) {
+        if (s) return SC_ECORRUPT;
+        uint64_t blk;
+        int st = kv__alloc(kv, h, KV_BLOCK_HEAD + KV_BUCKET_BYTES - 16 + m * KV_BUCKET_BYTES,
+                           KV_KIND_SEGMENT, &blk);
+        if (st == SC_KV_FULL) return SPLIT_LATER;
+        KV_TRY(st);
+        h->segments[seg] = blk;
+    }
+    KV_TRY(kv__bucket_offset(kv, h, s + m, &t_off));
     /* Partition: entries that stay, then entries that move (order within a chain is free). */
-    {
-        uint64_t a = 0;
-        for (uint64_t i = 0; i < n; i++) {
-            if (e[i].hash & m) continue;
-            kv_slot t = e[a];
-            e[a++] = e[i];
-            e[i] = t;
-        }
-        uint64_t na = overflow_needed(a), nb = overflow_needed(n - a);
-        if (na + nb > n_ovf) { st = SC_ECORRUPT; goto out; }
-        if ((st = write_chain(kv, s_off, ovf, na, e, a)) != SC_OK) goto out;
-        if ((st = write_chain(kv, t_off, ovf + na, nb, e + a, n - a)) != SC_OK) goto out;
-        for (uint64_t j = na + nb; j < n_ovf; j++) {
-            if ((st = kv__free(kv, h, ovf[j] - KV_BLOCK_HEAD)) != SC_OK) goto out;
-            h->overflow_buckets--;
-        }
+    uint64_t a = 0;
+    for (uint64_t i = 0; i < c->n; i++) {
+        if (c->e[i].hash & m) continue;
+        kv_slot t = c->e[a];
+        c->e[a++] = c->e[i];
+        c->e[i] = t;
+    }
+    uint64_t na = overflow_needed(a), nb = overflow_needed(c->n - a);
+    if (na + nb > c->n_ovf) return SC_ECORRUPT;
+    KV_TRY(write_chain(kv, s_off, c->ovf, na, c->e, a));
+    KV_TRY(write_chain(kv, t_off, c->ovf + na, nb, c->e + a, c->n - a));
+    for (uint64_t j = na + nb; j < c->n_ovf; j++) {
+        KV_TRY(kv__free(kv, h, c->ovf[j] - KV_BLOCK_HEAD));
+        h->overflow_buckets--;
     }
     h->splits++;
     if (++h->split == m) {
         h->split = 0;
         h->level++;
     }
-out:
-    if (e != stack_e) free(e);
-    if (ovf != stack_o) free(ovf);
+    return SC_OK;
+}
+
+/* Split bucket `split` into itself and split + 2^(b0+level). The entries' stored hashes
+ * decide; no record is read. A split allocates nothing in the region but, once per
+ * level, the next segment. */
+static int split_one(sc_kv *kv, kv_header *h) {
+    unsigned bits = h->b0_log2 + h->level;
+    if (bits >= KV_MAX_BITS) return SPLIT_LATER;
+    uint64_t m = (uint64_t)1 << bits, s_off;
+    KV_TRY(kv__bucket_offset(kv, h, h->split, &s_off));
+    chain c;
+    int st = gather_chain(kv, h, s_off, m, h->split, &c);
+    if (st == SC_ENOMEM) st = SPLIT_LATER; /* the region is untouched so far */
+    else if (st == SC_OK) st = move_half(kv, h, &c, m, s_off);
+    chain_free(&c);
     return st;
 }
 
 /* After an insert: keep the load at or under 1/2, one split per insert (two while catching
- * up after a batch that could not grow). No room for the next segment is not an error:
- * the table grows later, when there is. */
+ * up after a batch that could not grow). A split that cannot start is not an error (an
+ * insert that succeeded must not fail for it): the table grows later, when it can. */
 int kv__grow(sc_kv *kv, kv_header *h) {
     for (int i = 0; i < 2; i++) {
         uint64_t slots = kv__n_buckets(h) * KV_SLOTS;
         if (h->count * KV_LOAD_DEN <= slots * KV_LOAD_NUM) return SC_OK;
         int st = split_one(kv, h);
-        if (st == SC_KV_FULL) return SC_OK;
+        if (st == SPLIT_LATER) return SC_OK;
         KV_TRY(st);
     }
     return SC_OK;
@@ -690,12 +727,10 @@ int sc_kv_put(sc_kv *kv, const void *key, uint64_t klen, const void *val, uint64
     KV_TRY(kv__header(kv, &ro, &present));
     kv_header *h;
     KV_TRY(kv__writable_header(kv, &h));
-    /* On a present map a put that fails leaves the same blocks free (the record is
-     * allocated first and freed again if an overflow bucket does not fit); one that
-     * created the map takes it away again. */
+    /* With room for the worst case nothing runs out of it (growth waits for room). */
+    kv__write_begin(kv, present, kv__put_worst(klen, vlen) > kv->len - h->top);
     int st = kv__put_one(kv, h, key, klen, sc_kv_hash(key, klen), val, vlen);
-    if (st != SC_OK && !present) kv__uncreate(kv);
-    return st;
+    return kv__write_end(kv, present, st);
 }
 
 int sc_kv_delete(sc_kv *kv, const void *key, uint64_t klen, int *found) {
@@ -708,7 +743,9 @@ int sc_kv_delete(sc_kv *kv, const void *key, uint64_t klen, int *found) {
     if (!present) return SC_OK;
     kv_header *h;
     KV_TRY(kv__writable_header(kv, &h));
-    return kv__delete_one(kv, h, key, klen, sc_kv_hash(key, klen), found);
+    kv__write_begin(kv, present, false);
+    int st = kv__delete_one(kv, h, key, klen, sc_kv_hash(key, klen), found);
+    return kv__write_end(kv, present, st);
 }
 
 /* ---- iteration and statistics ---------------------------------------------------------------------- */

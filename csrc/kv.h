@@ -15,6 +15,11 @@
  *
  * Nothing here trusts the region's bytes: every offset, length and count read from it is
  * bounds-checked, and a damaged structure returns SC_ECORRUPT (never a crash).
+ *
+ * A writer-side call that fails leaves the region's bytes as it found them (SC_KV_FULL,
+ * SC_ENOMEM while a live snapshot needs preserving copies, anything else), with one
+ * exception: damage (SC_ECORRUPT) that a call running without a journal finds part-way,
+ * after it changed the map. Page versions and dirty bits may have moved meanwhile.
  */
 #ifndef STATECORE_KV_H
 #define STATECORE_KV_H
@@ -84,8 +89,8 @@ int sc_kv_put(sc_kv *kv, const void *key, uint64_t klen, const void *val, uint64
 int sc_kv_delete(sc_kv *kv, const void *key, uint64_t klen, int *found);
 
 /* Batches. get_many: vlen[i] = UINT64_MAX for a missing key. put_many is all or nothing:
- * on an error the map is as before and *failed_at names the item that failed. Repeated
- * keys: the last value wins. delete_many ignores missing keys. */
+ * on an error the map is as before (but see damage above) and *failed_at names the item
+ * that failed. Repeated keys: the last value wins. delete_many ignores missing keys. */
 int sc_kv_get_many(sc_kv *kv, const sc_kv_buf *keys, uint64_t n, uint64_t *val_off,
                    uint64_t *vlen);
 /* Copy the values get_many found: for each i with dst[i] != NULL, region bytes

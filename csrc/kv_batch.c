@@ -6,10 +6,15 @@
  * prefetches, one item ahead, the bytes an in-place overwrite will write.
  *
  * put_many is all or nothing. When the wilderness alone has room for the worst case of
- * every item (a new record plus an overflow bucket each), nothing can run out of room and
- * the batch runs without bookkeeping; the table's growth meanwhile may only take
- * wilderness the remaining items do not need (sc_kv.reserve). Otherwise the batch keeps a
- * journal of before-images and a failure restores them.
+ * every item (a new record plus an overflow bucket each), nothing can run out of room:
+ * the table's growth meanwhile may only take wilderness the remaining items do not need
+ * (sc_kv.reserve), and a split that cannot get memory waits (kv__grow). While no snapshot
+ * is live, tracking a write allocates nothing either (only a preserving copy does), so
+ * such a batch can fail only on a map that was damaged before it, and it runs without
+ * bookkeeping: the fast path. Otherwise the call keeps a journal of before-images and a
+ * failure restores them: a batch that may run out of room, and every writer-side call
+ * (single ones too) while a snapshot is live, when the first write to each page needs
+ * memory for its copy and may get SC_ENOMEM part-way.
  *
  * Why before-images rather than undoing each item: undoing items (removing the new
  * records, putting the old values back) leaves what the batch did to the allocator and
@@ -17,11 +22,16 @@
  * below those segments instead of back into the wilderness, so a later put that fit
  * before could fail. The journal restores the region's bytes exactly, allocator and table
  * state included, with no code that has to know how each structure changed: every change
- * goes through kv_poke, which saves each 64-byte line the first time the batch writes it.
- * Only lines below the map's `top` as the batch found it are saved; the wilderness above
- * it held nothing, and restoring the header's `top` makes it wilderness again. A map the
- * batch created is taken away instead (kv__uncreate). The journal costs 72 bytes per line
- * written, at most about the used part of the region.
+ * goes through kv_poke, which saves the 64-byte lines it covers before it changes them.
+ * The wilderness is restored too (new records go there): the region's bytes, not only the
+ * map, are as before. A map the call created is taken away instead (kv__uncreate). The
+ * journal costs 24 bytes per poke, and 64 per line a poke covers unless they were all
+ * zero (never used).
+ *
+ * Damage (SC_ECORRUPT) found part-way through a batch on the fast path is the one failure
+ * that leaves the items before it applied: undoing it would take before-images of all the
+ * fast path writes, and keeping them made batches of inserts and of in-place overwrites
+ * 20-40% slower (64 B and 1 KiB values). verify() says where the damage is.
  */
 #include <stdlib.h>
 
@@ -149,60 +159,95 @@ int sc_kv_read_many(sc_kv *kv, const uint64_t *off, const uint64_t *len, void *c
 }
 
 /* ---- the journal ------------------------------------------------------------------------------ */
+/* Journal buffers a handle keeps between calls, in bytes: enough for a batch of 10,000
+ * overwrites of 1 KiB values. */
+#define JOURNAL_KEEP (16u << 20)
+
+/* Room for `more` after `n` of `size` bytes each, doubling. */
+static int grow(void **arr, uint64_t *cap, uint64_t n, uint64_t more, uint64_t size) {
+    if (*cap - n >= more) return SC_OK;
+    uint64_t want = *cap ? *cap * 2 : 256;
+    while (want - n < more) want *= 2;
+    void *p = sc__alloc_fails() ? NULL : realloc(*arr, want * size);
+    if (!p) return SC_ENOMEM;
+    *arr = p;
+    *cap = want;
+    return SC_OK;
+}
+
+static bool is_zero(const uint8_t *p, uint64_t n) {
+    return p[0] == 0 && memcmp(p, p + 1, n - 1) == 0;
+}
+
+/* No record of the lines saved already: a line poked again is saved again (a bucket is
+ * poked by every insert into it), which costs less than looking each line up, and
+ * restoring the newest run first ends with the oldest image of every line. */
 int kv__journal_save(sc_kv *kv, uint64_t off, uint64_t n) {
     kv_journal *j = kv->journal;
-    uint64_t end = n < j->floor - off ? off + n : j->floor;  /* callers: off < floor */
-    for (uint64_t l = off / KV_JOURNAL_LINE; l * KV_JOURNAL_LINE < end; l++) {
-        if (j->seen[l >> 6] >> (l & 63) & 1) continue;
-        if (j->n == j->cap) {
-            uint64_t cap = j->cap ? j->cap * 2 : 256;
-            uint64_t *line = realloc(j->line, cap * sizeof *line);
-            if (!line) return SC_ENOMEM;
-            j->line = line;
-            uint8_t *bytes = realloc(j->bytes, cap * KV_JOURNAL_LINE);
-            if (!bytes) return SC_ENOMEM;
-            j->bytes = bytes;
-            j->cap = cap;
-        }
-        /* A line never crosses a page (the region starts on a page boundary and pages are
-         * at least 512 bytes): restoring it writes to no page the batch did not write. */
-        memcpy(j->bytes + j->n * KV_JOURNAL_LINE, kv->data + l * KV_JOURNAL_LINE,
-               KV_JOURNAL_LINE);
-        j->line[j->n++] = l;
-        j->seen[l >> 6] |= 1ull << (l & 63);
+    uint64_t first = off / KV_JOURNAL_LINE, lines = (off + n - 1) / KV_JOURNAL_LINE - first + 1;
+    const uint8_t *p = kv->data + first * KV_JOURNAL_LINE;
+    bool zero = is_zero(p, lines * KV_JOURNAL_LINE);
+    KV_TRY(grow((void **)&j->run, &j->cap_runs, j->n_runs, 1, sizeof *j->run));
+    if (!zero) {
+        KV_TRY(grow((void **)&j->bytes, &j->cap_lines, j->n_lines, lines, KV_JOURNAL_LINE));
+        memcpy(j->bytes + j->n_lines * KV_JOURNAL_LINE, p, lines * KV_JOURNAL_LINE);
+        j->n_lines += lines;
     }
+    j->run[j->n_runs++] = (kv_run){first, lines, zero};
     return SC_OK;
 }
 
-static int journal_start(sc_kv *kv, kv_journal *j, uint64_t floor) {
-    memset(j, 0, sizeof *j);
-    j->floor = floor;
-    uint64_t lines = (floor + KV_JOURNAL_LINE - 1) / KV_JOURNAL_LINE;
-    j->seen = calloc(lines / 64 + 1, sizeof *j->seen);
-    if (!j->seen) return SC_ENOMEM;
-    kv->journal = j;
-    return SC_OK;
-}
-
-/* Put every saved line back: each holds its content from before the batch's first write
- * to it, so the order does not matter. Only lines that changed are written: a line that
- * changed was written by this call, so its page is tracked already (a line can be saved
- * and then not written, when tracking its page failed). */
+/* Put the saved lines back, newest run first. Only lines that differ are written: a line
+ * that differs from an image saved during the call was changed after that save, through a
+ * poke that tracked its page (a line never crosses a page: the region starts on a page
+ * boundary and pages are at least 512 bytes); a line saved by a poke whose tracking then
+ * failed did not change, and its page may be untracked. */
 static void journal_restore(sc_kv *kv, const kv_journal *j) {
-    for (uint64_t i = 0; i < j->n; i++) {
-        uint8_t *p = kv->data + j->line[i] * KV_JOURNAL_LINE;
-        const uint8_t *was = j->bytes + i * KV_JOURNAL_LINE;
-        if (memcmp(p, was, KV_JOURNAL_LINE) != 0) memcpy(p, was, KV_JOURNAL_LINE);
+    static const uint8_t zeros[KV_JOURNAL_LINE];
+    const uint8_t *was = j->bytes + j->n_lines * KV_JOURNAL_LINE;
+    for (uint64_t r = j->n_runs; r-- > 0;) {
+        const kv_run *run = &j->run[r];
+        if (!run->zero) was -= run->n * KV_JOURNAL_LINE;
+        for (uint64_t i = 0; i < run->n; i++) {
+            uint8_t *p = kv->data + (run->line + i) * KV_JOURNAL_LINE;
+            const uint8_t *img = run->zero ? zeros : was + i * KV_JOURNAL_LINE;
+            if (memcmp(p, img, KV_JOURNAL_LINE) != 0) memcpy(p, img, KV_JOURNAL_LINE);
+        }
     }
-    kv->seg_ok = 0;  /* segments the batch made are gone */
+    kv->seg_ok = 0;  /* segments the call made are gone */
 }
 
-static void journal_end(sc_kv *kv, kv_journal *j) {
-    kv->journal = NULL;
-    free(j->seen);
-    free(j->line);
-    free(j->bytes);
+/* Buffers freed here grow again from nothing, with a page fault every 4 KiB of the next
+ * call's journal: batches of overwrites under a snapshot ran 10-15% slower for it. */
+static void journal_release(kv_journal *j, uint64_t keep) {
+    if (j->cap_runs * sizeof *j->run + j->cap_lines * KV_JOURNAL_LINE > keep) {
+        free(j->run);
+        free(j->bytes);
+        j->run = NULL;
+        j->bytes = NULL;
+        j->cap_runs = j->cap_lines = 0;
+    }
+    j->n_runs = j->n_lines = 0;
 }
+
+void kv__write_begin(sc_kv *kv, int present, bool may_run_out) {
+    /* A map the call creates needs none: kv__uncreate takes it away. */
+    if (!present || !(may_run_out || kv->s->newest_snap)) return;
+    kv->journal = &kv->jbuf;
+}
+
+int kv__write_end(sc_kv *kv, int present, int st) {
+    if (kv->journal) {
+        if (st != SC_OK) journal_restore(kv, kv->journal);
+        journal_release(kv->journal, JOURNAL_KEEP);
+        kv->journal = NULL;
+    } else if (st != SC_OK && !present) {
+        kv__uncreate(kv);
+    }
+    return st;
+}
+
+void kv__journal_free(sc_kv *kv) { journal_release(&kv->jbuf, 0); }
 
 /* ---- put_many --------------------------------------------------------------------------------- */
 int sc_kv_put_many(sc_kv *kv, const sc_kv_buf *keys, const sc_kv_buf *vals, uint64_t n,
@@ -219,11 +264,10 @@ int sc_kv_put_many(sc_kv *kv, const sc_kv_buf *keys, const sc_kv_buf *vals, uint
 
     uint64_t worst = 0, room = kv->len - h->top;
     for (uint64_t i = 0; i < n && worst <= room; i++)
-        worst += kv__record_size(keys[i].len, vals[i].len) + KV_BLOCK_HEAD + KV_BUCKET_BYTES;
-    bool logged = worst > room;
-    kv_journal journal = {0};
-    if (logged && present) KV_TRY(journal_start(kv, &journal, h->top));
-    kv->reserve = logged ? 0 : worst;
+        worst += kv__put_worst(keys[i].len, vals[i].len);
+    bool may_run_out = worst > room;
+    kv__write_begin(kv, present, may_run_out);
+    kv->reserve = may_run_out ? 0 : worst;
 
     uint64_t ring[PF_RING];
     int st = SC_OK;
@@ -248,17 +292,10 @@ int sc_kv_put_many(sc_kv *kv, const sc_kv_buf *keys, const sc_kv_buf *vals, uint
             *failed_at = j;
             break;
         }
-        if (!logged)
-            kv->reserve -= kv__record_size(keys[j].len, vals[j].len) + KV_BLOCK_HEAD +
-                           KV_BUCKET_BYTES;
+        if (!may_run_out) kv->reserve -= kv__put_worst(keys[j].len, vals[j].len);
     }
     kv->reserve = 0;
-    if (st != SC_OK && !present) kv__uncreate(kv);
-    if (logged && present) {
-        if (st != SC_OK) journal_restore(kv, &journal);
-        journal_end(kv, &journal);
-    }
-    return st;
+    return kv__write_end(kv, present, st);
 }
 
 /* ---- delete_many ------------------------------------------------------------------------------- */
@@ -273,8 +310,10 @@ int sc_kv_delete_many(sc_kv *kv, const sc_kv_buf *keys, uint64_t n, uint64_t *de
     if (!present || !n) return SC_OK;
     kv_header *h;
     KV_TRY(kv__writable_header(kv, &h));
+    kv__write_begin(kv, present, false);
     uint64_t ring[PF_RING];
-    for (uint64_t i = 0; i < n + 2 * PF_DIST; i++) {
+    int st = SC_OK;
+    for (uint64_t i = 0; i < n + 2 * PF_DIST && st == SC_OK; i++) {
         if (i < n) __builtin_prefetch(keys[i].ptr);
         if (i >= PF_DIST && i - PF_DIST < n) {
             uint64_t j = i - PF_DIST;
@@ -283,9 +322,9 @@ int sc_kv_delete_many(sc_kv *kv, const sc_kv_buf *keys, uint64_t n, uint64_t *de
         }
         if (i < 2 * PF_DIST) continue;
         uint64_t j = i - 2 * PF_DIST;
-        int found;
-        KV_TRY(kv__delete_one(kv, h, keys[j].ptr, keys[j].len, ring[j % PF_RING], &found));
-        *deleted += (uint64_t)found;
+        int found = 0;
+        st = kv__delete_one(kv, h, keys[j].ptr, keys[j].len, ring[j % PF_RING], &found);
+        if (st == SC_OK) *deleted += (uint64_t)found;
     }
-    return SC_OK;
+    return kv__write_end(kv, present, st);
 }

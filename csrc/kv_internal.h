@@ -24,6 +24,7 @@
 #include <stdbool.h>
 #include <string.h>
 
+#include "internal.h" /* sc_store.newest_snap (may tracking allocate?), sc__alloc_fails */
 #include "kv.h"
 
 #define KV_MAGIC "SCKVMAP1"
@@ -90,6 +91,25 @@ _Static_assert(sizeof(kv_bucket) == KV_BUCKET_BYTES, "bucket layout");
 _Static_assert(sizeof(kv_header) <= KV_HEADER_BYTES, "header layout");
 _Static_assert(KV_HEADER_BYTES % KV_BUCKET_BYTES == 0, "heap alignment");
 
+/* The before-images a writer-side call keeps so that a failure part-way can restore the
+ * region exactly (kv_batch.c explains why and when). Each poke appends the 64-byte lines
+ * it covers as one run, before it changes them; a line poked again is saved again, and
+ * restoring the runs newest first leaves every line as the call found it. A run of zero
+ * lines (the never-used wilderness, where new records go) keeps no bytes. (Lines are
+ * 64-byte aligned offsets of the region.) */
+#define KV_JOURNAL_LINE 64u
+typedef struct kv_run {
+    uint64_t line;                   /* first line */
+    uint64_t n;                      /* lines */
+    bool zero;                       /* all zero: no bytes saved */
+} kv_run;
+typedef struct kv_journal {
+    kv_run *run;
+    uint8_t *bytes;                  /* the non-zero runs' content, one after another */
+    uint64_t n_runs, cap_runs;
+    uint64_t n_lines, cap_lines;     /* lines held in `bytes` */
+} kv_journal;
+
 struct sc_kv {
     sc_store *s;
     uint64_t base, len;
@@ -101,8 +121,10 @@ struct sc_kv {
     kv_header view_hdr;
     /* batch puts: bytes the wilderness must keep for items still to come */
     uint64_t reserve;
-    /* batch puts that may run out of room part-way: before-images (kv_batch.c) */
-    struct kv_journal *journal;
+    /* writer-side calls that could fail part-way: before-images (kv_batch.c). `journal`
+     * points at `jbuf` while a call keeps one; the buffers stay for the next call. */
+    kv_journal *journal;
+    kv_journal jbuf;
     /* Pages touched since the current writer-side call began (kv__begin_write). No
      * snapshot can fall inside one call, so touching such a page again is redundant, and
      * each touch costs an atomic add in the store. A small round-robin cache. */
@@ -166,28 +188,17 @@ static inline bool kv__touched(const sc_kv *kv, uint64_t page) {
     return false;
 }
 
-/* The before-images a batch put keeps so that a failure can restore the region exactly
- * (kv_batch.c explains why). Lines are 64-byte aligned offsets of the region; each one is
- * saved once, at its first poke, so `bytes` holds the region as the batch found it. */
-#define KV_JOURNAL_LINE 64u
-typedef struct kv_journal {
-    uint64_t floor;                  /* the map's `top` when the batch began */
-    uint64_t *seen;                  /* bitmap over the lines below floor: saved */
-    uint64_t *line;                  /* saved lines, in the order they were saved */
-    uint8_t *bytes;                  /* their content, KV_JOURNAL_LINE bytes each */
-    uint64_t n, cap;
-} kv_journal;
 int kv__journal_save(sc_kv *kv, uint64_t off, uint64_t n);
 
 /* Bytes [off, off+n) of the live region for writing: tracked (preserved for snapshots,
- * versioned, marked dirty) before the caller changes them, and saved first when a batch
+ * versioned, marked dirty) before the caller changes them, and saved first when the call
  * keeps a journal. Every change to the region goes through here. */
 static inline uint8_t *kv_poke(sc_kv *kv, uint64_t off, uint64_t n, int *st) {
     if (!kv_in_region(kv, off, n) || !n) {
         *st = n ? SC_ECORRUPT : SC_OK;
         return n ? NULL : kv->data + off;
     }
-    if (kv->journal && off < kv->journal->floor) {
+    if (kv->journal) {
         int r = kv__journal_save(kv, off, n);
         if (r != SC_OK) {
             *st = r;
@@ -267,6 +278,10 @@ static inline uint64_t kv__record_size(uint64_t klen, uint64_t vlen) {
     uint64_t n = kv_round16(KV_BLOCK_HEAD + klen + vlen);
     return n < KV_MIN_BLOCK ? KV_MIN_BLOCK : n;
 }
+/* The most wilderness a put can take: a new record and an overflow bucket. */
+static inline uint64_t kv__put_worst(uint64_t klen, uint64_t vlen) {
+    return kv__record_size(klen, vlen) + KV_BLOCK_HEAD + KV_BUCKET_BYTES;
+}
 
 typedef struct kv_hit {
     uint64_t bucket;                 /* bucket holding the key; 0: absent */
@@ -290,6 +305,16 @@ int kv__delete_one(sc_kv *kv, kv_header *h, const uint8_t *key, uint64_t klen, u
 int kv__grow(sc_kv *kv, kv_header *h);
 int kv__set_slot_rec(sc_kv *kv, uint64_t bucket, unsigned slot, uint64_t rec);
 void kv__uncreate(sc_kv *kv);
+
+/* ---- all or nothing (kv_batch.c) -------------------------------------------------------- */
+/* Between kv__writable_header and the call's first change: keep a journal when a step
+ * could fail part-way for any reason but damage (tracking under a live snapshot, or, with
+ * may_run_out, room in the heap). `present`: the map was there before the call. */
+void kv__write_begin(sc_kv *kv, int present, bool may_run_out);
+/* The call's end: after a failure the region is as the call found it (on a sound map).
+ * Returns st. */
+int kv__write_end(sc_kv *kv, int present, int st);
+void kv__journal_free(sc_kv *kv);
 
 /* ---- heap (kv_heap.c); h is the live header, which these touch themselves ---------------- */
 /* Allocate a block of at least `bytes` (head included) of the given kind; writes its head. */

@@ -803,6 +803,44 @@ def test_failed_first_write_leaves_no_map():
     store.close()
 
 
+def test_failed_first_put_many_leaves_the_region_and_its_neighbours_as_they_were():
+    # The region lies inside a larger store and a snapshot is live: the batch creates the
+    # map, runs out of room and takes the map away again, touching no byte of the region
+    # or around it, and none the snapshot reads.
+    ps = 4096
+    store = sc.Store(size=64 * ps)
+    lo, hi = os.urandom(4 * ps), os.urandom(8 * ps)
+    store.write(0, lo)           # pages before the region (pages 8-23), some never written
+    store.write(24 * ps, hi)     # and after it
+    kv = KVStore(store, offset=8 * ps, size=16 * ps)
+    image = store.read(0, store.size)
+    keys, values = [b"k%04d" % i for i in range(1000)], [b"v" * 100] * 1000
+    with store.snapshot() as snap:
+        with pytest.raises(KVFull, match=r"put_many \(at item \d+ of 1000\)"):
+            kv.put_many(keys, values)
+        assert store.read(0, store.size) == image and not kv.present
+        assert snap.read(0, store.size) == image
+    kv.put_many(keys[:100], values[:100])   # a smaller batch creates the map
+    assert kv.present and dict(kv.items()) == dict(zip(keys[:100], values[:100]))
+    kv.verify()
+    assert store.read(0, 4 * ps) == lo and store.read(24 * ps, 8 * ps) == hi
+    store.close()
+
+
+def test_writes_to_a_region_holding_other_data_keep_the_data():
+    store = sc.Store(size=256 * 1024)
+    store.write(100_000, b"not a map")
+    kv = KVStore(store)
+    image = store.read(0, store.size)
+    with pytest.raises(ValueError, match="holds data but no key-value header"):
+        kv[b"k"] = b"v"
+    assert store.read(0, store.size) == image
+    with pytest.raises(ValueError, match="holds data but no key-value header"):
+        kv.put_many([b"k"], [b"v"])
+    assert store.read(0, store.size) == image and not kv.present
+    store.close()
+
+
 # ---- damaged bytes ---------------------------------------------------------------------------------
 def _damage(store, offset, data):
     store.write(offset, data)

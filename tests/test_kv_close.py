@@ -286,3 +286,53 @@ def test_an_iterator_of_a_closed_map_raises_store_closed():
     with pytest.raises(sc.StoreClosed):
         list(it)
     store.close()
+
+
+# A Store closed by a finalizer that the garbage collector runs in the middle of an
+# iterator's refill. In CPython 3.11 a collection runs inside the allocation of a tracked
+# object (a pair of items() is one) that crosses the threshold; the pairs must be made
+# after the refill is done with the handle. Before, a view read on from the freed store,
+# and a live map hung: the finalizer waited for the write lock the refill held.
+FINALIZER_CLOSES = r"""
+import gc, sys
+import statecore as sc
+from statecore.kv import KVStore
+
+store = sc.Store(size=16 << 20)
+kv = KVStore(store)
+keys = [b"k%06d" % i for i in range(2000)]
+kv.put_many(keys, [b"v" * 200] * len(keys))
+source = kv.snapshot() if sys.argv[1] == "view" else kv
+closed = []
+
+class ClosesTheStore:
+    def __init__(self):
+        self.cycle = self     # only the collector frees it
+    def __del__(self):
+        store.close()
+        closed.append(True)
+
+spare = [(i, i) for i in range(5000)]   # empties the free list of pairs: each new one counts
+gc.collect()
+gc.set_threshold(200)                   # a collection 200 pairs into the first refill
+ClosesTheStore()
+got = []
+try:
+    for k, v in source.items():
+        got.append((k, v))
+    raise SystemExit("the store was not closed during the iteration")
+except (sc.StoreClosed, sc.SnapshotReleased) as e:
+    print(type(e).__name__)
+finally:
+    gc.set_threshold(700)
+assert closed and store.closed
+assert len(got) == 512 and all(v == b"v" * 200 and k in keys for k, v in got), len(got)
+"""
+
+
+@pytest.mark.parametrize("source", ["live", "view"])
+def test_a_finalizer_closing_the_store_during_iteration(source):
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", FINALIZER_CLOSES,
+                           source], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ("StoreClosed" if source == "live" else "SnapshotReleased")

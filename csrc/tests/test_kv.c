@@ -1,6 +1,8 @@
 /* C-level tests of the keyed-state map (csrc/kv*.c), meant for AddressSanitizer + UBSan.
  * A random model test against a reference array, snapshot views, full-store atomicity
- * (single and batch puts), and byte-flip fuzzing of a map's region (must never crash).
+ * (single and batch puts), byte-flip fuzzing of a map's region (must never crash), and
+ * (built with -DSC_FAULT_INJECTION) every allocation of a writer-side call failing in
+ * turn, which must leave the store's bytes as they were.
  * Last line: "N passed, M failed"; non-zero exit on failure. Optional argv[1]: seed. */
 #include <inttypes.h>
 #include <stdbool.h>
@@ -10,6 +12,7 @@
 #include <time.h>
 
 #include "harness.h"
+#include "internal.h" /* sc_test_allocs_left */
 #include "kv.h"
 #include "statecore.h"
 
@@ -355,6 +358,40 @@ static void test_full(void) {
     sc_store_close(s);
 }
 
+/* A single put whose record fits in the wilderness and whose overflow bucket then does not:
+ * the region's bytes stay as they were, the wilderness's included. */
+static void test_full_single_put_restores(void) {
+    uint64_t size = SC_KV_MIN_REGION;
+    sc_store *s;
+    sc_kv *kv;
+    REQUIRE(sc_store_open(NULL, size, 4096, &s) == SC_OK);
+    REQUIRE(sc_kv_open(s, 0, size, 0, 0, &kv) == SC_OK);
+    uint8_t key[24], val[4096] = {0};
+    int made = 0;
+    /* 7 keys fill bucket 0 of the 16 (no split before 56 keys); the 8th needs a bucket */
+    for (int c = 0; made < 8; c++) {
+        uint64_t kl = (uint64_t)snprintf((char *)key, sizeof key, "b0-%d", c);
+        if (sc_kv_hash(key, kl) & 15) continue;
+        if (made++ < 7) {
+            CHECK_ST(sc_kv_put(kv, key, kl, val, 40), SC_OK);
+            continue;
+        }
+        sc_kv_stats st;
+        CHECK_ST(sc_kv_stat(kv, &st), SC_OK);
+        uint64_t vl = st.wilderness_bytes - 100 - 16 - kl;  /* the record leaves 100 bytes */
+        uint8_t *image = malloc(size), *now = malloc(size);
+        sc_store_read(s, 0, image, size);
+        CHECK_ST(sc_kv_put(kv, key, kl, val, vl), SC_KV_FULL);
+        sc_store_read(s, 0, now, size);
+        CHECK(memcmp(image, now, size) == 0);
+        verify_ok(kv);
+        free(image);
+        free(now);
+    }
+    sc_kv_close(kv);
+    sc_store_close(s);
+}
+
 /* ---- fuzz: damaged bytes never crash --------------------------------------------------------- */
 static void test_fuzz(void) {
     uint64_t size = 512u << 10;
@@ -459,9 +496,18 @@ static void test_args(void) {
     CHECK_ST(sc_kv_open(s, 0, 65536, 0, 0, &kv), SC_OK);
     CHECK_ST(sc_kv_put(kv, &k, SC_KV_MAX_KEY + 1ull, &k, 1), SC_EINVAL);
     CHECK_ST(sc_kv_put(kv, &k, 1, &k, SC_KV_MAX_VALUE + 1ull), SC_EINVAL);
-    /* a region with data but no header is refused */
+    /* a region with data but no header is refused, and the data stays */
     sc_store_write(s, 40000, "x", 1);
+    uint8_t x = 0;
     CHECK_ST(sc_kv_put(kv, &k, 1, &k, 1), SC_KV_NOT_EMPTY);
+    sc_store_read(s, 40000, &x, 1);
+    REQUIRE(x == 'x');  /* else the region is a map's now, and the rest would fail too */
+    sc_kv_buf kb = {&k, 1};
+    uint64_t failed;
+    CHECK_ST(sc_kv_put_many(kv, &kb, &kb, 1, &failed), SC_KV_NOT_EMPTY);
+    x = 0;
+    sc_store_read(s, 40000, &x, 1);
+    CHECK(x == 'x');
     sc_kv_close(kv);
     CHECK_ST(sc_kv_open(s, 0, 32768, 0, 0, &kv), SC_OK);
     CHECK_ST(sc_kv_put(kv, &k, 1, &k, 1), SC_OK);
@@ -593,11 +639,265 @@ static void test_full_batch_restores(void) {
     sc_store_close(s);
 }
 
+/* ---- allocation failures: a failed call changes nothing ------------------------------------ */
+#ifdef SC_FAULT_INJECTION
+/* The map's region lies inside the store; under a snapshot the pages around it are written
+ * first (each takes a slot of the pool's first chunk), so that the call under test fills
+ * that chunk and needs the next one part-way, after it has changed the map. */
+#define AF_PS 4096u
+#define AF_BASE (1u << 20)
+#define AF_LEN (2u << 20)
+#define AF_SIZE (5u << 20)
+#define AF_SLOTS ((2u << 20) / AF_PS) /* pages per pool chunk */
+#define AF_KEYS 600
+#define AF_MAX 300                    /* items in a batch */
+#define AF_COLLIDING 130
+
+typedef struct af_batch {
+    uint64_t n, used;
+    sc_kv_buf k[AF_MAX], v[AF_MAX];
+    uint8_t kb[AF_MAX][24];
+    uint8_t vb[1u << 20];
+} af_batch;
+
+static af_batch g_mixed, g_chain;  /* the batches put_many writes */
+static uint8_t *g_full, *g_small;  /* stores with a map: AF_KEYS keys; one key */
+
+static uint64_t af_key(int id, uint8_t *buf) {
+    return (uint64_t)snprintf((char *)buf, 24, "af-%07d", id);
+}
+
+static void af_add(af_batch *b, const uint8_t *key, uint64_t klen, uint64_t vlen) {
+    memcpy(b->kb[b->n], key, klen);
+    make_value(b->vb + b->used, (uint32_t)vlen);
+    b->k[b->n] = (sc_kv_buf){b->kb[b->n], klen};
+    b->v[b->n] = (sc_kv_buf){b->vb + b->used, vlen};
+    b->used += vlen;
+    b->n++;
+}
+
+/* Overwrites in place and by a bigger record, new keys (some into freed blocks, each
+ * splitting a bucket), a repeated key, and values that span pages. */
+static void af_make_mixed(af_batch *b) {
+    uint8_t key[24];
+    for (int id = 1; id < 200; id += 2) af_add(b, key, af_key(id, key), id % 4 == 1 ? 40 : 260);
+    for (int id = 0; id < 60; id++) af_add(b, key, af_key(2 * AF_KEYS + id, key), 30);
+    af_add(b, key, af_key(1, key), 41);
+    for (int i = 0; i < 20; i++)
+        af_add(b, key, af_key(3 * AF_KEYS + i, key), 1500 + 120 * (uint64_t)i);
+}
+
+/* Keys that all stay in bucket 0 while the table has 16 and then 32 primary buckets: when
+ * the table splits bucket 0 the second time (at 113 keys), the chain holds more entries
+ * than split_one gathers on the stack, so the split allocates. */
+static void af_make_chain(af_batch *b) {
+    uint8_t key[24];
+    for (int c = 0; b->n < AF_COLLIDING; c++) {
+        uint64_t n = (uint64_t)snprintf((char *)key, sizeof key, "collide-%d", c);
+        if ((sc_kv_hash(key, n) & 63) == 0) af_add(b, key, n, 16);
+    }
+}
+
+/* A store whose map has the given keys; with more than one, every 4th deleted (blocks to
+ * reuse) and then new ones up to the load where each insert splits a bucket. */
+static uint8_t *af_make_image(int keys) {
+    sc_store *s;
+    sc_kv *kv = NULL;
+    if (sc_store_open(NULL, AF_SIZE, AF_PS, &s) != SC_OK) return NULL;
+    if (sc_kv_open(s, AF_BASE, AF_LEN, 0, 0, &kv) != SC_OK) {
+        sc_store_close(s);
+        return NULL;
+    }
+    uint8_t key[24], val[300];
+    for (int id = 0; id < keys; id++) {
+        make_value(val, (uint32_t)(20 + id % 280));
+        CHECK_ST(sc_kv_put(kv, key, af_key(id, key), val, 20 + (uint64_t)(id % 280)), SC_OK);
+    }
+    for (int id = 0; keys > 1 && id < keys; id += 4) {
+        int found;
+        CHECK_ST(sc_kv_delete(kv, key, af_key(id, key), &found), SC_OK);
+    }
+    sc_kv_stats st;
+    for (int id = keys; keys > 1; id++) {
+        CHECK_ST(sc_kv_stat(kv, &st), SC_OK);
+        if (st.count * 2 > st.buckets * st.slots_per_bucket) break;
+        CHECK_ST(sc_kv_put(kv, key, af_key(id, key), val, 50), SC_OK);
+    }
+    uint8_t *image = malloc(AF_SIZE);
+    sc_store_read(s, 0, image, AF_SIZE);
+    sc_kv_close(kv);
+    sc_store_close(s);
+    return image;
+}
+
+typedef struct af_case {
+    const char *name;
+    int (*call)(sc_kv *kv, const af_batch *b);
+    uint8_t *const *image;  /* the store it starts from; NULL: all zero, no map */
+    const af_batch *batch;
+    bool snapshot;          /* a snapshot is live */
+} af_case;
+
+static int af_put_many(sc_kv *kv, const af_batch *b) {
+    uint64_t failed;
+    return sc_kv_put_many(kv, b->k, b->v, b->n, &failed);
+}
+
+static int af_put(sc_kv *kv, const af_batch *b) {
+    return sc_kv_put(kv, b->k[0].ptr, b->k[0].len, b->vb, 3000);
+}
+
+static int af_delete_many(sc_kv *kv, const af_batch *b) {
+    uint64_t deleted;
+    return sc_kv_delete_many(kv, b->k, 150, &deleted);
+}
+
+static int af_clear(sc_kv *kv, const af_batch *b) {
+    (void)b;
+    return sc_kv_clear(kv);
+}
+
+typedef struct af_state {
+    uint64_t count, digest;
+    int present;
+} af_state;
+
+static af_state af_observe(sc_kv *kv) {
+    af_state o = {0, 0, -1};
+    CHECK_ST(sc_kv_probe(kv, &o.present), SC_OK);
+    o.digest = map_digest(kv, &o.count);
+    return o;
+}
+
+static bool af_same(af_state a, af_state b) {
+    return a.present == b.present && a.count == b.count && a.digest == b.digest;
+}
+
+/* After the failed call: the store's bytes (the region's, its wilderness included), the
+ * map and its allocation state are as before, and the same call then succeeds. */
+static void af_check_unchanged(sc_store *s, sc_kv *kv, const af_case *c,
+                               const uint8_t *before, af_state was, const sc_kv_stats *had) {
+    static uint8_t *now;
+    if (!now) now = malloc(AF_SIZE);
+    sc_kv_stats has;
+    sc_store_read(s, 0, now, AF_SIZE);
+    CHECK(memcmp(before, now, AF_SIZE) == 0);
+    CHECK(af_same(af_observe(kv), was));
+    CHECK_ST(sc_kv_stat(kv, &has), SC_OK);
+    stats_equal(had, &has);
+    CHECK_ST(c->call(kv, c->batch), SC_OK);
+}
+
+/* The snapshot still reads the map's region as it was taken. */
+static void af_check_snapshot(sc_store *s, uint64_t snap, const af_case *c) {
+    static uint8_t *seen;
+    if (!seen) seen = malloc(AF_LEN);
+    CHECK_ST(sc_snapshot_read(s, snap, AF_BASE, seen, AF_LEN), SC_OK);
+    if (*c->image) CHECK(memcmp(seen, *c->image + AF_BASE, AF_LEN) == 0);
+    else CHECK(seen[0] == 0 && memcmp(seen, seen + 1, AF_LEN - 1) == 0);
+}
+
+/* One run: the call with allocation `fail` failing (-1: none). Returns whether the call
+ * reached that allocation; *after: the map then, *ok: whether the call succeeded. */
+static bool af_run(const af_case *c, long fail, af_state *after, bool *ok) {
+    static uint8_t *before;
+    if (!before) before = malloc(AF_SIZE);
+    sc_store *s;
+    sc_kv *kv;
+    uint64_t snap = 0;
+    if (sc_store_open(NULL, AF_SIZE, AF_PS, &s) != SC_OK) {
+        CHECK(!"store opened");
+        return false;
+    }
+    if (*c->image) CHECK_ST(sc_store_write(s, 0, *c->image, AF_SIZE), SC_OK);
+    CHECK_ST(sc_kv_open(s, AF_BASE, AF_LEN, 0, 0, &kv), SC_OK);
+    if (c->snapshot) {
+        uint8_t page[AF_PS];
+        memset(page, 0x5a, sizeof page);
+        CHECK_ST(sc_snapshot_take(s, &snap), SC_OK);
+        for (uint64_t p = 0; p < AF_SLOTS - 2; p++)  /* below the region, then above it */
+            sc_store_write(s, (p < AF_BASE / AF_PS ? p : p + AF_LEN / AF_PS) * AF_PS, page,
+                           AF_PS);
+    }
+    sc_store_read(s, 0, before, AF_SIZE);
+    af_state was = af_observe(kv);
+    sc_kv_stats had;
+    CHECK_ST(sc_kv_stat(kv, &had), SC_OK);
+
+    atomic_store(&sc_test_allocs_left, fail);
+    int st = c->call(kv, c->batch);
+    bool reached = atomic_exchange(&sc_test_allocs_left, -1) < 0;
+    CHECK(st == SC_OK || (st == SC_ENOMEM && reached));
+    if (st != SC_OK) af_check_unchanged(s, kv, c, before, was, &had);
+    verify_ok(kv);
+    *after = af_observe(kv);
+    *ok = st == SC_OK;
+    if (snap) {
+        af_check_snapshot(s, snap, c);
+        CHECK_ST(sc_snapshot_release(s, snap), SC_OK);
+    }
+    sc_kv_close(kv);
+    sc_store_close(s);
+    return reached;
+}
+
+/* Allocation k = 0, 1, ... of the call fails in turn, until the call no longer reaches k;
+ * whether the call failed or went on without (a split waits), the map ends the same. */
+static void af_each_failure(const af_case *c, long *failures, long *reached) {
+    af_state want, got;
+    bool ok;
+    af_run(c, -1, &want, &ok);
+    CHECK(ok);
+    *failures = 0;
+    long k = 0;
+    for (; k < 2000 && af_run(c, k, &got, &ok); k++) {
+        *failures += !ok;
+        CHECK(af_same(got, want));
+    }
+    CHECK(k < 2000);
+    *reached = k;
+}
+#endif
+
+static void test_alloc_failures(void) {
+#ifdef SC_FAULT_INJECTION
+    static uint8_t *none = NULL;
+    g_full = af_make_image(AF_KEYS);
+    g_small = af_make_image(1);
+    REQUIRE(g_full && g_small);
+    af_make_mixed(&g_mixed);
+    af_make_chain(&g_chain);
+    static const af_case cases[] = {
+        {"put_many", af_put_many, &g_full, &g_mixed, true},
+        {"put_many creating the map", af_put_many, &none, &g_mixed, true},
+        {"put_many splitting a long chain", af_put_many, &g_small, &g_chain, true},
+        {"put_many splitting a long chain, no snapshot", af_put_many, &g_small, &g_chain, false},
+        {"put", af_put, &g_full, &g_mixed, true},
+        {"delete_many", af_delete_many, &g_full, &g_mixed, true},
+        {"clear", af_clear, &g_full, &g_mixed, true},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        long failures = 0, reached = 0;
+        af_each_failure(&cases[i], &failures, &reached);
+        fprintf(stderr, "  %s: %ld allocations, %ld failed calls\n", cases[i].name, reached,
+                failures);
+        if (cases[i].snapshot) CHECK(failures >= 3);  /* the journal's, the pool's at least */
+        /* Without a snapshot the only allocations are the long chain's, and a split that
+         * cannot make them waits: the batch succeeds. */
+        else CHECK(reached >= 1 && failures == 0);
+    }
+    free(g_full);
+    free(g_small);
+#endif
+}
+
 int main(int argc, char **argv) {
     if (argc > 1) g_rng = strtoull(argv[1], NULL, 0);
     struct { const char *name; void (*fn)(void); } tests[] = {
         {"args", test_args},   {"model", test_model}, {"full", test_full},
-        {"full_batch_restores", test_full_batch_restores}, {"fuzz", test_fuzz},
+        {"full_batch_restores", test_full_batch_restores},
+        {"full_single_put_restores", test_full_single_put_restores}, {"fuzz", test_fuzz},
+        {"alloc_failures", test_alloc_failures},
     };
     int passed = 0, failed = 0;
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {

@@ -12,7 +12,12 @@ GIL also holds a buffer export of the store, so the store cannot be closed under
 
 Every call counts itself in KVCore._active from before it first uses the handle until it
 is done with it (as py-lmdb counts active operations), so close() cannot free the handle
-under a call that released the GIL: it raises instead, as Store.close does."""
+under a call that released the GIL: it raises instead, as Store.close does.
+
+While a call that keeps the GIL uses the handle, it makes no object the garbage collector
+tracks (bytes objects and list appends are fine): a collection runs finalizers, and one
+that closes the store would free what a view is reading (Store.close() does not wait for
+views' reads) or wait forever for the write lock a live call holds."""
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
@@ -829,7 +834,9 @@ cdef class _KVIter:
         cdef sc_kv_stats s
         cdef uint64_t n = 0, i
         cdef bytes k, v
-        cdef list out = []
+        # Only bytes objects are made while the handle is in use, and the pairs after it:
+        # making a pair can start a garbage collection (see the module docstring).
+        cdef list keys = [], vals = []
         c._enter()
         try:
             check(sc_kv_stat(c._kv, &s), "iterate")
@@ -840,15 +847,16 @@ cdef class _KVIter:
                     k = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>ent[i].klen)
                     check(sc_kv_read(c._kv, ent[i].key_off, PyBytes_AS_STRING(k), ent[i].klen),
                           "iterate")
+                    keys.append(k)
                 if self.mode != 0:
                     v = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>ent[i].vlen)
                     check(sc_kv_read(c._kv, ent[i].val_off, PyBytes_AS_STRING(v), ent[i].vlen),
                           "iterate")
-                out.append(k if self.mode == 0 else v if self.mode == 1 else (k, v))
+                    vals.append(v)
         finally:
             c._leave()
+        self.buf = keys if self.mode == 0 else vals if self.mode == 1 else list(zip(keys, vals))
         if n < <uint64_t>SCAN_CHUNK:
             self.done = True
-        self.buf = out
         self.pos = 0
         return 0

@@ -59,9 +59,9 @@ def main(argv=None) -> int:
     for rep in range(max(1, args.repeat)):
         measured_in_pass = set()
         for i, group in enumerate(groups, 1):
-            if measured_in_pass.issuperset(group):
-                continue  # e.g. a memory case that two rows read
-            measured_in_pass.update(group)
+            if frozenset(group) in measured_in_pass:
+                continue  # two rows of one case (memory) or of the same pair
+            measured_in_pass.add(frozenset(group))
             t0 = time.perf_counter()
             print(f"[{rep + 1}:{i}/{len(groups)}] {' + '.join(group)} ...", end=" ",
                   file=sys.stderr, flush=True)

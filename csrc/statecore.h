@@ -62,6 +62,22 @@ uint64_t sc_store_schema_version(const sc_store *s);
 void sc_store_set_schema_version(sc_store *s, uint64_t v);
 uint64_t sc_store_page_version(const sc_store *s, uint64_t page);
 
+/* A store file's header, read from the file's first bytes without opening the store (no
+ * lock taken, nothing written): what `statecore info` shows and what an open refused for
+ * a mismatch is explained with. SC_EFORMAT: no store magic (format_version 0), or
+ * another format version (format_version says which); SC_ECORRUPT: too short, checksum or
+ * geometry wrong. */
+#define SC_STORE_HEADER_BYTES 72u
+typedef struct sc_store_header_info {
+    uint32_t format_version;
+    uint32_t page_size;
+    uint64_t size;
+    uint64_t epoch;
+    uint64_t schema_version;
+    uint8_t uuid[16];
+} sc_store_header_info;
+sc_status sc_store_read_header(const void *head, uint64_t len, sc_store_header_info *out);
+
 /* ---- writes (writer-side) -------------------------------------------- */
 
 sc_status sc_store_write(sc_store *s, uint64_t offset, const void *src, uint64_t len);

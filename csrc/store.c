@@ -108,13 +108,40 @@ static sc_status open_anonymous(sc_store *s) {
     return alloc_tracking(s);
 }
 
-static sc_status check_existing(sc_store *s, const sc_file_header *h, uint64_t size,
-                                uint32_t page_size, uint64_t file_len) {
+/* The checks of a header on its own; the file's length is the caller's. */
+static sc_status check_header(const sc_file_header *h) {
     if (memcmp(h->magic, SC_STORE_MAGIC, 8) != 0) return SC_EFORMAT;
     if (h->format_version != SC_FORMAT_VERSION) return SC_EFORMAT;
     if (h->checksum != file_header_checksum(h)) return SC_ECORRUPT;
     if (!valid_page_size(h->page_size) || h->size == 0 || h->size % h->page_size)
         return SC_ECORRUPT;
+    return SC_OK;
+}
+
+_Static_assert(sizeof(sc_file_header) == SC_STORE_HEADER_BYTES, "store header layout");
+
+sc_status sc_store_read_header(const void *head, uint64_t len, sc_store_header_info *out) {
+    if (!head || !out) return SC_EINVAL;
+    memset(out, 0, sizeof *out);
+    if (len < sizeof(sc_file_header)) return SC_ECORRUPT;
+    sc_file_header h;
+    memcpy(&h, head, sizeof h); /* the caller's bytes need not be aligned */
+    /* 0 without the magic: the caller can tell "not a store" from "another version". */
+    out->format_version = memcmp(h.magic, SC_STORE_MAGIC, 8) ? 0 : h.format_version;
+    sc_status st = check_header(&h);
+    if (st) return st;
+    out->page_size = h.page_size;
+    out->size = h.size;
+    out->epoch = h.epoch;
+    out->schema_version = h.schema_version;
+    memcpy(out->uuid, h.uuid, 16);
+    return SC_OK;
+}
+
+static sc_status check_existing(sc_store *s, const sc_file_header *h, uint64_t size,
+                                uint32_t page_size, uint64_t file_len) {
+    sc_status st = check_header(h);
+    if (st) return st;
     if ((size && size != h->size) || (page_size && page_size != h->page_size))
         return SC_EMISMATCH;
     uint64_t n = h->size / h->page_size;

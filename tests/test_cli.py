@@ -52,7 +52,7 @@ def listing(path) -> list:
 
 # ---- 1: errors are one line; bugs keep their traceback ---------------------------------------
 
-@pytest.mark.parametrize("head,why", [(b"SCSTORE1\x01\x00", "store file header truncated"),
+@pytest.mark.parametrize("head,why", [(b"SCSTORE1\x01\x00", "store file: header truncated"),
                                       (b"SCCKPT01\x01", "checkpoint truncated"),
                                       (b"SCDELTA1", "delta truncated")])
 def test_info_on_a_truncated_header_is_a_one_line_error(capsys, tmp_path, head, why):
@@ -393,6 +393,20 @@ def test_info_on_a_damaged_delta_names_the_file(capsys, tmp_path, offset, why):
     code, out, err = run(capsys, "info", str(path))
     assert code == 1 and out == ""
     assert f"{str(path)!r}: delta {why}" in one_line_error(err)
+
+
+@pytest.mark.parametrize("offset,why", [(16, "header damaged (checksum or geometry)"),
+                                        (8, "store format version 2 is newer")])
+def test_info_on_a_damaged_store_file_header_names_the_file(capsys, tmp_path, offset, why):
+    # The core checks a store file's header for `info` without opening the store.
+    path = tmp_path / "s.sc"
+    sc.Store(str(path), size=SIZE).close()
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 3  # in size (the checksum no longer matches), or format_version 1 -> 2
+    path.write_bytes(data)
+    code, out, err = run(capsys, "info", str(path))
+    assert code == 1 and out == ""
+    assert f"{str(path)!r}: store file: {why}" in one_line_error(err)
 
 
 def test_info_on_a_newer_format_says_so(capsys, tmp_path):

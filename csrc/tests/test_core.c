@@ -417,6 +417,29 @@ static void test_open_file(void) {
     CHECK(memcmp(sc_store_data(s), pattern, size / 2) == 0);
     sc_store_close(s);
 
+    /* Its header, read without opening it; then damaged, cut short, another version. */
+    uint8_t head[SC_STORE_HEADER_BYTES];
+    int hfd = open(path, O_RDONLY);
+    CHECK(hfd >= 0 && read(hfd, head, sizeof head) == (ssize_t)sizeof head);
+    if (hfd >= 0) close(hfd);
+    sc_store_header_info info;
+    CHECK_ST(sc_store_read_header(head, sizeof head, &info), SC_OK);
+    CHECK_EQ_U64(info.size, size);
+    CHECK_EQ_U64(info.page_size, 4096);
+    CHECK_EQ_U64(info.epoch, 3);
+    CHECK_EQ_U64(info.format_version, SC_FORMAT_VERSION);
+    CHECK_ST(sc_store_read_header(head, sizeof head - 1, &info), SC_ECORRUPT);
+    CHECK_ST(sc_store_read_header(NULL, 0, &info), SC_EINVAL);
+    head[20] ^= 1; /* inside size: the checksum no longer matches */
+    CHECK_ST(sc_store_read_header(head, sizeof head, &info), SC_ECORRUPT);
+    head[20] ^= 1;
+    head[8] = SC_FORMAT_VERSION + 1;
+    CHECK_ST(sc_store_read_header(head, sizeof head, &info), SC_EFORMAT);
+    CHECK_EQ_U64(info.format_version, SC_FORMAT_VERSION + 1);
+    head[0] ^= 0xff; /* no magic: format_version 0 says "not a store" */
+    CHECK_ST(sc_store_read_header(head, sizeof head, &info), SC_EFORMAT);
+    CHECK_EQ_U64(info.format_version, 0);
+
     /* A file cut short is corrupt, not silently remapped. */
     CHECK(truncate(path, (off_t)(4096 + size + 16 * 8 - 8)) == 0);
     CHECK_ST(sc_store_open(path, 0, 0, &s), SC_ECORRUPT);

@@ -36,6 +36,16 @@ cdef extern from "statecore.h" nogil:
     uint64_t sc_store_page_version(const sc_store *s, uint64_t page) noexcept
     void sc_store_set_epoch(sc_store *s, uint64_t epoch) noexcept
 
+    enum: SC_STORE_HEADER_BYTES
+    ctypedef struct sc_store_header_info:
+        uint32_t format_version
+        uint32_t page_size
+        uint64_t size
+        uint64_t epoch
+        uint64_t schema_version
+        uint8_t uuid[16]
+    sc_status sc_store_read_header(const void *head, uint64_t len, sc_store_header_info *out)
+
     sc_status sc_store_write(sc_store *s, uint64_t offset, const void *src, uint64_t length)
     sc_status sc_store_write_pages(sc_store *s, const uint64_t *ids, uint64_t n, const void *src)
     sc_status sc_store_touch_pages(sc_store *s, const uint64_t *ids, uint64_t n)

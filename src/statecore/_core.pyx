@@ -329,30 +329,62 @@ cdef str _describe_corruption(object source, int kind):
     return f"{name} structure invalid (sizes, index checksum, page ids or versions)"
 
 
+STORE_HEADER_BYTES = SC_STORE_HEADER_BYTES
+
+
+cdef tuple _store_header(const uint8_t[::1] head):
+    """(status, detail, fields) of a store file's first bytes: the core's checks, and for a
+    refusal the words for it. A file without the store magic is not a store at all
+    (corrupt, as for a delta's or checkpoint's magic); an older format version is damage,
+    a newer one UnsupportedFormat."""
+    cdef sc_store_header_info h
+    cdef sc_status st
+    with nogil:
+        st = sc_store_read_header(&head[0] if head.shape[0] else NULL, head.shape[0], &h)
+    if st == SC_EINVAL:  # no bytes at all
+        st = SC_ECORRUPT
+    if st == SC_EFORMAT and h.format_version == 0:
+        return SC_ECORRUPT, f"not a statecore store file: bad magic {bytes(head[:8])!r}", None
+    if st == SC_EFORMAT and h.format_version < SC_FORMAT_VERSION:
+        return SC_ECORRUPT, f"invalid store format version {h.format_version}", None
+    if st == SC_EFORMAT:
+        return st, (f"store format version {h.format_version} is newer than this statecore "
+                    f"reads (version {SC_FORMAT_VERSION})"), None
+    if st == SC_ECORRUPT and head.shape[0] < SC_STORE_HEADER_BYTES:
+        return st, f"header truncated ({head.shape[0]} of {SC_STORE_HEADER_BYTES} bytes)", None
+    if st == SC_ECORRUPT:
+        return st, "header damaged (checksum or geometry)", None
+    return SC_OK, None, {"format_version": h.format_version, "page_size": h.page_size,
+                         "size": h.size, "epoch": h.epoch,
+                         "schema_version": h.schema_version, "uuid": bytes(h.uuid[:16])}
+
+
+def read_store_header(head):
+    """The fields of a store file's header (format_version, page_size, size, epoch,
+    schema_version, uuid) from its first STORE_HEADER_BYTES bytes, checked as opening
+    checks them, without opening the store (no lock, nothing written). CorruptStore for
+    damage or a file that is no store, UnsupportedFormat for a newer format version."""
+    st, detail, fields = _store_header(head)
+    if st != SC_OK:
+        raise_status(st, "store file", errors.CorruptStore, detail)
+    return fields
+
+
 cdef tuple _describe_existing(bytes path, sc_status st, uint64_t size, uint32_t page_size):
     """(status, message) for an existing store file the core refused with SC_EMISMATCH or
     SC_EFORMAT: what the file holds against what was asked. The core says only which
-    check failed; its header is re-read here for the message. A file without the store
-    magic is not a store at all: CorruptStore, as for a delta's or checkpoint's magic;
-    UnsupportedFormat is kept for a newer format version."""
+    check failed; its header is re-read here for the message."""
     try:
         with open(path, "rb") as f:
-            head = f.read(24)
+            head = f.read(SC_STORE_HEADER_BYTES)
     except OSError:
         return st, None
-    if len(head) < 24:
+    read_st, detail, fields = _store_header(head)
+    if read_st != SC_OK:
+        return read_st, detail
+    if st != SC_EMISMATCH:  # the file changed since the core read it: no better words
         return st, None
-    magic = head[:8]
-    version = int.from_bytes(head[8:12], "little")
-    file_page_size = int.from_bytes(head[12:16], "little")
-    file_size = int.from_bytes(head[16:24], "little")
-    if st == SC_EFORMAT:
-        if magic != b"SCSTORE1":  # SC_STORE_MAGIC (csrc/internal.h)
-            return SC_ECORRUPT, f"not a statecore store file: bad magic {magic!r}"
-        if version < SC_FORMAT_VERSION:
-            return SC_ECORRUPT, f"invalid store format version {version}"
-        return st, (f"store format version {version} is newer than this statecore reads "
-                    f"(version {SC_FORMAT_VERSION})")
+    file_size, file_page_size = fields["size"], fields["page_size"]
     asked = []
     if size:
         asked.append(f"size={size}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
-import struct
 from typing import Any, Callable, Dict, List, Optional
 
 from . import _core, errors
@@ -16,9 +15,6 @@ from .manifest import NAME as MANIFEST_NAME
 from .manifest import checkpoint_name, read_manifest, scan_directory
 from .journal import segment_name
 
-# The start of sc_file_header (csrc/internal.h): _core has no reader of a store file's
-# header short of opening the store, which takes its lock and may write to it.
-_STORE_HEADER = struct.Struct("<8sIIQQQ")
 _DELTA_KINDS = {b"SCCKPT01": ("checkpoint", _core.KIND_CHECKPOINT, errors.CorruptCheckpoint),
                 b"SCDELTA1": ("delta", _core.KIND_DELTA, errors.CorruptDelta)}
 _COMPRESSION_NAMES = {code: name for name, code in COMPRESSIONS.items()}
@@ -57,16 +53,20 @@ def describe(path: str) -> Dict[str, Any]:
         # A device or FIFO has no size to check and may never end (or block on read).
         raise errors.CorruptData(f"{path!r} is not a regular file or directory")
     with open(path, "rb") as f:
-        head = f.read(_STORE_HEADER.size)
+        head = f.read(max(_core.STORE_HEADER_BYTES, 8))
     size = os.path.getsize(path)
     magic = head[:8]
     if magic in _DELTA_KINDS:
         return _describe_delta(path, magic)
     if magic == b"SCSTORE1":
-        _check_header(path, "store file", head, _STORE_HEADER.size)
-        _, version, page_size, store_size, epoch, schema = _STORE_HEADER.unpack_from(head)
-        return {"kind": "store file", "format_version": version, "page_size": page_size,
-                "size": store_size, "epoch": epoch, "schema_version": schema, "file_bytes": size}
+        try:
+            # The core's checks, without opening the store (which takes its lock).
+            h = _core.read_store_header(head)
+        except errors.StateError as e:
+            raise type(e)(f"{path!r}: {e}") from None
+        return {"kind": "store file", "format_version": h["format_version"],
+                "page_size": h["page_size"], "size": h["size"], "epoch": h["epoch"],
+                "schema_version": h["schema_version"], "file_bytes": size}
     # A journal segment is created empty, so an empty file is one only by its name.
     if magic[:4] == b"SCJR" or (size == 0 and fnmatch.fnmatch(os.path.basename(path),
                                                              "journal-*.log")):
@@ -76,12 +76,6 @@ def describe(path: str) -> Dict[str, Any]:
     if size == 0:
         raise errors.CorruptData(f"{path!r} is empty: not a statecore file")
     raise errors.CorruptData(f"{path!r} is not a statecore file (magic {magic!r})")
-
-
-def _check_header(path: str, kind: str, head: bytes, need: int) -> None:
-    if len(head) < need:
-        raise errors.CorruptData(f"{path!r}: {kind} header truncated ({len(head)} of {need} "
-                                 "bytes)")
 
 
 def _describe_segment(path: str) -> Dict[str, Any]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the C core with its tests under AddressSanitizer + UBSan and run them:
 #   test_core    - unit, model and thread tests of the C API, and allocation failures
-#                  injected into large writes (the core is built with -DSC_FAULT_INJECTION)
+#                  injected into large writes (the core is built with -DSC_FAULT_INJECTION);
+#                  run twice where it can be: on every CPU, and pinned to one
 #   test_kv      - the key-value layer: model test with snapshot views, full-region
 #                  atomicity, byte-flip fuzzing of a map in the store
 #   fuzz_decode  - deterministic mutation fuzzer of the delta/checkpoint decoder
@@ -63,6 +64,12 @@ run() {
 status=0
 echo "== test_core"
 run "$build/test_core" ${SEED:+"$SEED"} || status=1
+# On one CPU the core takes its single-threaded paths (no copier thread, one marking
+# part, no parallel copies), which a 2-core run never reaches.
+if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -gt 1 ]; then
+    echo "== test_core on one CPU"
+    run taskset -c 0 "$build/test_core" ${SEED:+"$SEED"} || status=1
+fi
 echo "== test_kv"
 run "$build/test_kv" ${SEED:+"$SEED"} || status=1
 echo "== test_delta_pages"

@@ -224,9 +224,9 @@ def _one_round(c: Case) -> float:
 
 def run_interleaved(cases: List[Case]) -> List[List[float]]:
     """What pytest-benchmark's pedantic mode does, with perf_counter, for one case or
-    several side by side: each case's warm-up rounds, then one timed round of each case in turn until every
-    case has its rounds: a slow stretch of a shared host then spoils a round of each case
-    alike instead of all the rounds of one."""
+    several side by side: each case's warm-up rounds, then one timed round of each case in
+    turn until every case has its rounds. A slow stretch of a shared host then spoils a
+    round of each case alike instead of all the rounds of one."""
     for c in cases:
         for _ in range(c.warmup):
             _one_round(c)

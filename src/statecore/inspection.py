@@ -20,7 +20,7 @@ _DELTA_KINDS = {b"SCCKPT01": ("checkpoint", _core.KIND_CHECKPOINT, errors.Corrup
 _COMPRESSION_NAMES = {code: name for name, code in COMPRESSIONS.items()}
 
 
-def _describe_delta(path: str, magic: bytes) -> Dict[str, Any]:
+def _describe_delta(path: str, magic: bytes, size: int) -> Dict[str, Any]:
     """A checkpoint's or delta file's header, as the core's parser reads and checks it
     (header and index; the pages are `statecore verify`'s work)."""
     kind, code, corrupt = _DELTA_KINDS[magic]
@@ -33,7 +33,7 @@ def _describe_delta(path: str, magic: bytes) -> Dict[str, Any]:
             f"{_core.FORMAT_VERSION})") from None
     except errors.StateError as e:
         raise type(e)(f"{path!r}: {e}") from None
-    return {"kind": kind, "file_bytes": view.total_bytes,
+    return {"kind": kind, "file_bytes": size,
             "format_version": view.format_version, "page_size": view.page_size,
             "size": view.store_pages * view.page_size, "base_epoch": view.base_epoch,
             "epoch": view.target_epoch, "pages": view.n_pages,
@@ -53,11 +53,11 @@ def describe(path: str) -> Dict[str, Any]:
         # A device or FIFO has no size to check and may never end (or block on read).
         raise errors.CorruptData(f"{path!r} is not a regular file or directory")
     with open(path, "rb") as f:
-        head = f.read(max(_core.STORE_HEADER_BYTES, 8))
+        head = f.read(_core.STORE_HEADER_BYTES)
     size = os.path.getsize(path)
     magic = head[:8]
     if magic in _DELTA_KINDS:
-        return _describe_delta(path, magic)
+        return _describe_delta(path, magic, size)
     if magic == b"SCSTORE1":
         try:
             # The core's checks, without opening the store (which takes its lock).

@@ -16,6 +16,7 @@ FORMAT_VERSION: int
 KIND_DELTA: int
 KIND_CHECKPOINT: int
 STORE_HEADER_BYTES: int
+HEADER_OFFSETS: dict[str, int]
 
 # `parse`/`attach_payload` raise `corrupt(message)`: an exception class such as
 # statecore.errors.CorruptDelta, or anything that builds an exception from a message.

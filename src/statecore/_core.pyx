@@ -25,6 +25,26 @@ FORMAT_VERSION = SC_FORMAT_VERSION
 KIND_DELTA = SC_KIND_DELTA
 KIND_CHECKPOINT = SC_KIND_CHECKPOINT
 
+cdef extern from *:
+    """
+    #include <stddef.h>
+    #define SC_OFF_COMPRESSION offsetof(sc_header, compression)
+    #define SC_OFF_N_PAGES offsetof(sc_header, n_pages)
+    #define SC_OFF_PAYLOAD_BYTES offsetof(sc_header, payload_bytes)
+    #define SC_OFF_STORE_UUID offsetof(sc_header, store_uuid)
+    #define SC_OFF_INDEX_CHECKSUM offsetof(sc_header, index_checksum)
+    #define SC_OFF_HEADER_CHECKSUM offsetof(sc_header, header_checksum)
+    """
+    const size_t SC_OFF_COMPRESSION, SC_OFF_N_PAGES, SC_OFF_PAYLOAD_BYTES
+    const size_t SC_OFF_STORE_UUID, SC_OFF_INDEX_CHECKSUM, SC_OFF_HEADER_CHECKSUM
+
+# Where the fields Python reads or rewrites in place sit in a delta's or checkpoint's
+# header (sc_header): the parts of a large delta get their own header from the delta's.
+HEADER_OFFSETS = {"compression": SC_OFF_COMPRESSION, "n_pages": SC_OFF_N_PAGES,
+                  "payload_bytes": SC_OFF_PAYLOAD_BYTES, "store_uuid": SC_OFF_STORE_UUID,
+                  "index_checksum": SC_OFF_INDEX_CHECKSUM,
+                  "header_checksum": SC_OFF_HEADER_CHECKSUM}
+
 # ---- fork safety ------------------------------------------------------------------
 # A child of fork() shares a file-backed mapping with its parent; writing through it
 # would corrupt the parent's state, so every object made before the fork refuses work.

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 HEADER = _core.HEADER_SIZE
 COMPRESSIONS = {"none": 0, "lz4": 1}
 LZ4_CHUNK_BYTES = 1 << 20
-_OFF_COMPRESSION, _OFF_PAYLOAD_BYTES, _OFF_HEADER_SUM = 12, 64, 120
+_OFF_COMPRESSION = _core.HEADER_OFFSETS["compression"]
+_OFF_PAYLOAD_BYTES = _core.HEADER_OFFSETS["payload_bytes"]
+_OFF_HEADER_SUM = _core.HEADER_OFFSETS["header_checksum"]
 
 _lz4_pool: Optional[ThreadPoolExecutor] = None
 

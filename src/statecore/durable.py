@@ -154,9 +154,11 @@ class DurableStore(Store):
                     head = f.read(_core.HEADER_SIZE)
             except OSError:
                 continue
-            if len(head) == _core.HEADER_SIZE and \
-                    _core.page_checksum(head[:120]) == int.from_bytes(head[120:], "little"):
-                return head[72:88].hex()
+            sums_at = _core.HEADER_OFFSETS["header_checksum"]
+            uuid_at = _core.HEADER_OFFSETS["store_uuid"]
+            if len(head) == _core.HEADER_SIZE and _core.page_checksum(head[:sums_at]) == \
+                    int.from_bytes(head[sums_at:sums_at + 8], "little"):
+                return head[uuid_at:uuid_at + 16].hex()
         for start in segs:
             try:
                 records, _, mm = read_segment(os.path.join(self.directory, segment_name(start)))

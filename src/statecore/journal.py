@@ -26,7 +26,8 @@ FLAG_REPLICATED = 1  # the record is a primary's delta applied by a follower
 
 def _digest_prefix(delta_bytes: memoryview) -> int:
     """Checksum of the delta's header and index (which checksums every page)."""
-    n = struct.unpack_from("<Q", delta_bytes, 48)[0] if len(delta_bytes) >= 56 else 0
+    at = _core.HEADER_OFFSETS["n_pages"]
+    n = struct.unpack_from("<Q", delta_bytes, at)[0] if len(delta_bytes) >= at + 8 else 0
     end = min(len(delta_bytes), _core.HEADER_SIZE + 24 * n)
     return _core.page_checksum(delta_bytes[:end])
 

@@ -145,8 +145,9 @@ def split(delta: Delta, part_pages: int) -> Iterator[Tuple[List[Any], bool]]:
 
 
 # Fields of the delta header (csrc/statecore.h, sc_header) that differ between parts.
-_OFF_COMPRESSION, _OFF_N_PAGES, _OFF_PAYLOAD_BYTES = 12, 48, 64
-_OFF_INDEX_SUM, _OFF_HEADER_SUM = 88, 120
+_OFF_COMPRESSION, _OFF_N_PAGES, _OFF_PAYLOAD_BYTES, _OFF_INDEX_SUM, _OFF_HEADER_SUM = (
+    _core.HEADER_OFFSETS[f] for f in ("compression", "n_pages", "payload_bytes",
+                                      "index_checksum", "header_checksum"))
 
 
 # ---- follower side --------------------------------------------------------------------------

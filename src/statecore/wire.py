@@ -62,7 +62,8 @@ def _digest_part(ftype: int, body: Any) -> bytes:
     if ftype not in (DELTA, PART):
         return bytes(mv)
     off = PART_HEADER_SIZE if ftype == PART else 0
-    n = struct.unpack_from("<Q", mv, off + 48)[0] if len(mv) >= off + 56 else 0
+    at = off + _core.HEADER_OFFSETS["n_pages"]
+    n = struct.unpack_from("<Q", mv, at)[0] if len(mv) >= at + 8 else 0
     return bytes(mv[:min(len(mv), off + _core.HEADER_SIZE + 24 * n)])
 
 

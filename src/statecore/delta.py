@@ -36,6 +36,15 @@ _OFF_HEADER_SUM = _core.HEADER_OFFSETS["header_checksum"]
 _lz4_pool: Optional[ThreadPoolExecutor] = None
 
 
+def header_and_index_end(buf: memoryview, start: int = 0) -> int:
+    """Where the header and index of the delta at `start` of buf end (cut to buf's end):
+    the part a journal record's or wire frame's checksum covers, since the index holds
+    every page's checksum. Reads n_pages unchecked: a damaged count only moves the cut."""
+    at = start + _core.HEADER_OFFSETS["n_pages"]
+    n = struct.unpack_from("<Q", buf, at)[0] if len(buf) >= at + 8 else 0
+    return min(len(buf), start + _core.HEADER_SIZE + 24 * n)
+
+
 def _forget_pool_in_child() -> None:
     # A forked child inherits the pool object but none of its threads.
     global _lz4_pool

@@ -15,7 +15,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from . import _core, errors
 from .checkpoint import fsync_directory
-from .delta import Delta
+from .delta import Delta, header_and_index_end
 
 MAGIC = b"SCJR"
 FORMAT_VERSION = 1
@@ -26,10 +26,7 @@ FLAG_REPLICATED = 1  # the record is a primary's delta applied by a follower
 
 def _digest_prefix(delta_bytes: memoryview) -> int:
     """Checksum of the delta's header and index (which checksums every page)."""
-    at = _core.HEADER_OFFSETS["n_pages"]
-    n = struct.unpack_from("<Q", delta_bytes, at)[0] if len(delta_bytes) >= at + 8 else 0
-    end = min(len(delta_bytes), _core.HEADER_SIZE + 24 * n)
-    return _core.page_checksum(delta_bytes[:end])
+    return _core.page_checksum(delta_bytes[:header_and_index_end(delta_bytes)])
 
 
 def frame(delta_bytes: memoryview, flags: int = 0) -> bytes:

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 
 from . import _core, errors
+from .delta import header_and_index_end
 
 MAGIC = b"SCW1"
 PROTOCOL_VERSION = 2       # the newest this side speaks
@@ -61,10 +62,7 @@ def _digest_part(ftype: int, body: Any) -> bytes:
     mv = memoryview(body).cast("B")
     if ftype not in (DELTA, PART):
         return bytes(mv)
-    off = PART_HEADER_SIZE if ftype == PART else 0
-    at = off + _core.HEADER_OFFSETS["n_pages"]
-    n = struct.unpack_from("<Q", mv, at)[0] if len(mv) >= at + 8 else 0
-    return bytes(mv[:min(len(mv), off + _core.HEADER_SIZE + 24 * n)])
+    return bytes(mv[:header_and_index_end(mv, PART_HEADER_SIZE if ftype == PART else 0)])
 
 
 def frame_header(ftype: int, body: Any, version: Optional[int] = None,
